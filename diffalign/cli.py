@@ -1,4 +1,5 @@
-"""`diffalign <verb>`: train, cache, config, recipes."""
+"""`diffalign <verb>`: train, cache, config, recipes, demo, world; score, train-reward and sample plug in
+from their subsystems (PLUGGED_VERBS)."""
 from __future__ import annotations
 
 import argparse
@@ -63,7 +64,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=384, help="number of training prompts")
     p.add_argument("--k", type=int, default=8, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
+
+    for verb, module in PLUGGED_VERBS.items():
+        plugged = _plugged(module)
+        if plugged is not None:
+            plugged.configure(sub.add_parser(verb, help=plugged.HELP, description=plugged.HELP,
+                                             formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
+
+
+# verbs whose parser and handler live beside their subsystem; each module exposes HELP, configure(parser)
+# and run(args) -> exit code, and keeps heavy imports inside run() so `diffalign --help` stays fast
+PLUGGED_VERBS = {"score": "diffalign.rewards.score_cli", "train-reward": "diffalign.rewards.train_cli",
+                 "sample": "diffalign.samplers.cli"}
+
+
+def _plugged(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        return None
 
 
 def _quiet_libraries() -> None:
@@ -236,8 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handlers = {"train": cmd_train, "cache": cmd_cache, "config": cmd_config, "recipes": cmd_recipes,
                 "demo": cmd_demo, "world": cmd_world}
+    from diffalign.rewards.base import RewardError
+
+    if args.verb in PLUGGED_VERBS:
+        handlers[args.verb] = _plugged(PLUGGED_VERBS[args.verb]).run
     try:
         return handlers[args.verb](args)
-    except (ConfigError, DataError, CacheMismatchError, ModelLoadError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CacheMismatchError, ModelLoadError, RewardError, FileNotFoundError) as e:
         print(f"diffalign {args.verb}: error: {e}", file=sys.stderr)
         return 2
