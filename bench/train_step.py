@@ -49,6 +49,11 @@ Modes:
                                                        checkpointing; prints MFU vs --peak-tflops
     python bench/train_step.py --real-sdxl --smoke     the --real-sdxl code path with the tiny
                                                        SDXL model, runnable on a CPU (plumbing check)
+    python bench/train_step.py --real-sd15             the real SD1.5 UNet/VAE/CLIP-L configs (860M-
+                                                       parameter UNet, random weights), CPU or CUDA,
+                                                       default 256px on CPU (512 on CUDA), LoRA rank 8:
+                                                       the realistic encoder/denoiser proportions that
+                                                       the tiny models lack (CPU target: >= 1.5x)
 
 The last line is ``BENCH_JSON {...}`` with every number, for BENCHMARKS.md.
 """
@@ -76,13 +81,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from diffalign.config import ModelConfig, RunConfig, load_config  # noqa: E402
-from diffalign.models import SDXLAdapter, load_adapter  # noqa: E402
+from diffalign.models import SD15Adapter, SDXLAdapter, load_adapter  # noqa: E402
 from diffalign.models.base import DTYPES, FamilyAdapter  # noqa: E402
 
 RESULT_PREFIX = "BENCH_RESULT "
 JSON_PREFIX = "BENCH_JSON "
 RECIPE = "tiny-sd15-dpo"
 REAL_SDXL_ID = "random:sdxl-base-1.0"
+REAL_SD15_ID = "random:sd-1.5"
 H100_BF16_DENSE_TFLOPS = 989.0
 # Per-step metrics that depend on the data, noise, timesteps and weights: equal at step 0 iff like for like.
 STEP0_KEYS = ("err_policy_w", "err_policy_l", "err_ref_w", "err_ref_l")
@@ -97,12 +103,16 @@ SDXL_UNET_CONFIG: dict[str, Any] = dict(
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
+# runwayml/stable-diffusion-v1-5 unet/config.json (values that differ from diffusers' defaults).
+SD15_UNET_CONFIG: dict[str, Any] = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 # SDXL vae/config.json.
 SDXL_VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=0.13025, force_upcast=True,
 )
+# SD1.5 vae/config.json is the same architecture with SD1.5's scaling factor.
+SD15_VAE_CONFIG: dict[str, Any] = dict(SDXL_VAE_CONFIG, sample_size=512, scaling_factor=0.18215, force_upcast=False)
 # text_encoder (CLIP ViT-L/14 text tower) and text_encoder_2 (OpenCLIP ViT-bigG/14 text tower).
 SDXL_TEXT_CONFIGS: tuple[dict[str, Any], dict[str, Any]] = (
     dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -130,6 +140,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "LoRA adapters disabled on the policy (diffusers' LoRA DPO scripts)")
     p.add_argument("--real-sdxl", action="store_true",
                    help="CUDA: real SDXL-base UNet/VAE/text-encoder configs, random weights, 1024px, bf16, LoRA r8")
+    p.add_argument("--real-sd15", action="store_true",
+                   help="real SD1.5 UNet/VAE/CLIP-L configs, random weights, LoRA r8; CPU (fp32, 256px) or CUDA "
+                        "(bf16, 512px)")
     p.add_argument("--smoke", action="store_true",
                    help="with --real-sdxl: use the tiny SDXL model instead (runs on CPU; checks the code path)")
     p.add_argument("--repeats", type=int, default=None,
@@ -145,14 +158,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--smoke only applies to --real-sdxl")
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or (args.repeats is not None and args.repeats < 1):
         p.error("--steps, --batch-size and --repeats must be >= 1 and --warmup >= 0")
+    if args.real_sdxl and args.real_sd15:
+        p.error("choose one of --real-sdxl and --real-sd15")
     if args.real_sdxl:
         args.family = "sdxl"
-    if args.resolution is None:
-        args.resolution = 1024 if args.real_sdxl and not args.smoke else 32
-    if args.lora_rank is None:
-        args.lora_rank = 8 if args.real_sdxl else None
+    if args.real_sd15:
+        args.family = "sd15"
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.resolution is None:
+        args.resolution = (1024 if args.real_sdxl and not args.smoke else
+                           (512 if args.device.startswith("cuda") else 256) if args.real_sd15 else 32)
+    if args.lora_rank is None:
+        args.lora_rank = 8 if args.real_sdxl or args.real_sd15 else None
     if args.repeats is None:
         args.repeats = 1 if args.device.startswith("cuda") else 3
     return args
@@ -168,10 +186,11 @@ def require_cuda_for_real_sdxl(args: argparse.Namespace) -> None:
 
 def make_config(args: argparse.Namespace, workdir: Path, cache_dir: Path | None = None) -> RunConfig:
     """The tiny recipe with the bench's overrides; every subprocess builds the identical config."""
-    real = args.real_sdxl and not args.smoke
+    pretrained = (REAL_SDXL_ID if args.real_sdxl and not args.smoke else REAL_SD15_ID if args.real_sd15
+                  else f"tiny:{args.family}")
     overrides = [
         f"model.family={args.family}",
-        f"model.pretrained={REAL_SDXL_ID if real else f'tiny:{args.family}'}",
+        f"model.pretrained={pretrained}",
         # toy pairs stored as JPEGs at the training resolution; no flip (the diffusers scripts' default),
         # so that both variants see identical pixels and compute identical errors
         f"data.path=toy:pairs?n={max(16, args.batch_size)}&size={args.resolution}",
@@ -189,6 +208,8 @@ def make_config(args: argparse.Namespace, workdir: Path, cache_dir: Path | None 
         overrides.append(f"lora.rank={args.lora_rank}")
     if args.real_sdxl:
         overrides += ["train.mixed_precision=bf16", "model.gradient_checkpointing=true"]
+    if args.real_sd15 and args.device.startswith("cuda"):
+        overrides += ["train.mixed_precision=bf16"]
     if cache_dir is not None:
         overrides.append(f"cache.dir={cache_dir}")
     return load_config(RECIPE, overrides)
@@ -203,30 +224,37 @@ def weight_dtype_for(cfg: RunConfig) -> torch.dtype:
 
 # --------------------------------------------------------------------------- models
 
-def build_random_sdxl_pipeline(device: torch.device, dtype: torch.dtype):
-    """SDXL-base with its real component configs and seeded random weights, built on ``device``.
+def build_random_pipeline(family: str, device: torch.device, dtype: torch.dtype):
+    """SDXL-base or SD1.5 with the real component configs and seeded random weights, built on ``device``.
 
-    Tokenizers are the offline character-level CLIP tokenizers of the tiny models (77 tokens, as SDXL's),
-    so the text encoders run on sequences of SDXL's length.
+    Tokenizers are the offline character-level CLIP tokenizers of the tiny models (77 tokens, as the real
+    ones), so the text encoders run on sequences of the real length.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from diffalign.models.tiny import build_char_clip_tokenizer
 
+    xl = family == "sdxl"
     tokenizers = (build_char_clip_tokenizer(), build_char_clip_tokenizer())
     ids = tokenizers[0].convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
     torch.manual_seed(0)
+    text_classes = (CLIPTextModel, CLIPTextModelWithProjection) if xl else (CLIPTextModel,)
     with torch.device(device):
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
-        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+        unet = UNet2DConditionModel(**(SDXL_UNET_CONFIG if xl else SD15_UNET_CONFIG))
+        vae = AutoencoderKL(**(SDXL_VAE_CONFIG if xl else SD15_VAE_CONFIG))
         encoders = [cls(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=ids[0],
                                        eos_token_id=ids[1], pad_token_id=ids[1], **kw))
-                    for cls, kw in zip((CLIPTextModel, CLIPTextModelWithProjection), SDXL_TEXT_CONFIGS)]
+                    for cls, kw in zip(text_classes, SDXL_TEXT_CONFIGS)]
     for module in (unet, vae, *encoders):
         module.to(dtype=dtype)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, steps_offset=1, clip_sample=False)
+    if not xl:
+        return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
@@ -235,10 +263,12 @@ def build_random_sdxl_pipeline(device: torch.device, dtype: torch.dtype):
 
 def load_bench_adapter(cfg: ModelConfig, device: torch.device | str = "cpu",
                        weight_dtype: torch.dtype = torch.float32) -> FamilyAdapter:
-    """``diffalign.models.load_adapter``, plus the random real-size SDXL for ``model.pretrained=random:...``."""
-    if cfg.pretrained != REAL_SDXL_ID:
+    """``diffalign.models.load_adapter``, plus the random real-size SDXL / SD1.5 for ``model.pretrained=random:...``."""
+    if cfg.pretrained not in (REAL_SDXL_ID, REAL_SD15_ID):
         return load_adapter(cfg, device=device, weight_dtype=weight_dtype)
-    return SDXLAdapter(build_random_sdxl_pipeline(torch.device(device), weight_dtype), cfg,
+    family = "sdxl" if cfg.pretrained == REAL_SDXL_ID else "sd15"
+    adapter_cls = SDXLAdapter if family == "sdxl" else SD15Adapter
+    return adapter_cls(build_random_pipeline(family, torch.device(device), weight_dtype), cfg,
                        device=device, weight_dtype=weight_dtype)
 
 
@@ -539,6 +569,10 @@ def run_subprocess(argv: list[str], variant: str, workdir: Path) -> dict[str, An
 
 
 def describe_setup(args: argparse.Namespace) -> str:
+    if args.real_sd15:
+        precision = "bf16 autocast" if args.device.startswith("cuda") else "fp32"
+        return (f"model: SD1.5 configs, random weights (UNet 860M params), {args.resolution}px, LoRA r{args.lora_rank}, "
+                f"{precision}")
     if args.real_sdxl and not args.smoke:
         return (f"model: SDXL-base configs, random weights (UNet 2.57B params), {args.resolution}px, LoRA r{args.lora_rank}, "
                 "bf16 autocast, gradient checkpointing")
@@ -609,7 +643,7 @@ def report(args: argparse.Namespace, command: str, load_before: float, cache: di
         print(f"WARNING: other processes used over 10% of the CPUs during a timed run of {', '.join(contended)}; "
               "CPU timings are skewed, rerun on an idle machine")
     summary = {
-        "bench": "train_step", "command": command, "family": args.family, "real_sdxl": args.real_sdxl,
+        "bench": "train_step", "command": command, "family": args.family, "real_sdxl": args.real_sdxl, "real_sd15": args.real_sd15,
         "smoke": args.smoke, "device": device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average_before": load_before, "torch": torch.__version__, "resolution": args.resolution,
         "batch_pairs": args.batch_size, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
