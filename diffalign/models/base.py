@@ -11,6 +11,16 @@ loop never branches on the family; it calls these methods:
     predict(model, x_t, t, text, micro)                          -> prediction, same shape as x0
     unit_time(t)                                                 -> t mapped to [0, 1] (1 = pure noise)
 
+and, for the samplers (diffalign.samplers; the training path never calls these):
+
+    prediction_type                  'epsilon' | 'v_prediction' | 'flow_velocity'
+    noise_coefficients(t)                                        -> (alpha [N], sigma [N]): x_t = alpha x0 + sigma eps
+    default_resolution()                                         -> (height, width) in pixels, the pipeline's default
+    latent_shape(height, width, num_frames)                      -> per-sample latent shape (C, h, w) or (C, F, h, w)
+    timestep_kwargs(num_steps, latent_shape)                     -> extra set_timesteps kwargs (flow sigmas / mu)
+    encode_negative_prompts(negatives or None, n)                -> text dict for the unconditional CFG branch
+    decode_latents(latents, clamp)                               -> pixels in [0, 1], [N,3,H,W] (video [N,F,3,H,W])
+
 The adapter owns a loaded diffusers pipeline (``self.pipe``) so that prompt encoding, VAE scaling
 and LoRA export are exactly those of inference.
 """
@@ -100,6 +110,51 @@ class FamilyAdapter(ABC):
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                 text: dict[str, torch.Tensor], micro: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Run ``model`` (the denoiser, possibly DDP-wrapped) on x_t; output has x_t's shape."""
+
+    # ----------------------------------------------------------------- sampling (diffalign.samplers)
+    prediction_type: str  # set by the noising mixin: 'epsilon' | 'v_prediction' | 'flow_velocity'
+    default_cfg_scale: ClassVar[float] = 5.0  # classifier-free guidance scale when the user gives none
+
+    @abstractmethod
+    def noise_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t), each [N] float32, with x_t = alpha_t x0 + sigma_t eps at native timesteps ``t``."""
+
+    def default_resolution(self) -> tuple[int, int]:
+        """(height, width) in pixels the pipeline samples at when none is given (its own default)."""
+        size = int(self.denoiser.config.sample_size) * int(self.pipe.vae_scale_factor)
+        return size, size
+
+    def latent_shape(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
+        """Per-sample latent shape for ``height`` x ``width`` pixels, as the pipeline's prepare_latents makes it.
+
+        Image families return (C, h, w); a video family returns (C, F, h, w) and takes ``num_frames``.
+        """
+        if num_frames is not None:
+            raise ValueError(f"family {self.family!r} generates images; num_frames applies to video families only")
+        scale = int(self.pipe.vae_scale_factor)
+        return int(self.denoiser.config.in_channels), int(height) // scale, int(width) // scale
+
+    def timestep_kwargs(self, num_steps: int, latent_shape: tuple[int, ...]) -> dict:
+        """Extra keyword arguments for ``scheduler.set_timesteps`` (flow families: sigmas, resolution shift mu)."""
+        return {}
+
+    @torch.no_grad()
+    def encode_negative_prompts(self, negatives: list[str] | None, n: int) -> dict[str, torch.Tensor]:
+        """Conditioning of the unconditional CFG branch; ``None`` means "no negative prompt" (the empty prompt
+        here; SDXL overrides it with the zeros its pipeline uses)."""
+        return self.encode_prompts(list(negatives) if negatives is not None else [""] * n)
+
+    def decode_latents(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Latents (as sampled, scaled/shifted) -> RGB in [0, 1], [N, 3, H, W], float32.
+
+        Differentiable (no ``no_grad`` here) so that clean-image reward guidance can backpropagate through the
+        VAE; ``clamp=False`` keeps values outside [0, 1] (and their gradients).
+        """
+        vae = self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        z = latents.to(self.device, vae.dtype) / vae.config.scaling_factor + shift
+        pixels = (vae.decode(z, return_dict=False)[0].float() + 1) / 2
+        return pixels.clamp(0, 1) if clamp else pixels
 
     # ----------------------------------------------------------------- fine-tuning setup
     def add_lora(self, lora: LoraConfig) -> None:

@@ -9,6 +9,8 @@ import torch
 
 
 class FlowMatchingMixin:
+    prediction_type = "flow_velocity"
+
     def _init_noising(self) -> None:
         sched = self.pipe.scheduler.config
         if self.cfg.flow_shift is not None:
@@ -38,3 +40,8 @@ class FlowMatchingMixin:
 
     def unit_time(self, t: torch.Tensor) -> torch.Tensor:
         return t.float()
+
+    def noise_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma) = (1 - t, t), [N] float32."""
+        t = torch.as_tensor(t).float().reshape(-1)
+        return 1 - t, t

@@ -14,6 +14,34 @@ class FluxAdapter(FlowMatchingMixin, FamilyAdapter):
     is_flow = True
     text_keys = ("prompt_embeds", "pooled_prompt_embeds")
     default_max_sequence_length = 512
+    # FLUX.1-dev is guidance-distilled: the guidance strength goes in through the guidance embedding
+    # (ModelConfig.guidance_scale), so true classifier-free guidance is off by default (FluxPipeline's true_cfg_scale=1)
+    default_cfg_scale = 1.0
+
+    def default_resolution(self) -> tuple[int, int]:
+        size = 128 * int(self.pipe.vae_scale_factor)  # FluxPipeline.default_sample_size = 128
+        return size, size
+
+    def latent_shape(self, height: int, width: int, num_frames: int | None = None) -> tuple[int, ...]:
+        """Unpacked latents [C, h, w] with h, w even (2x2 packing), as FluxPipeline.prepare_latents."""
+        if num_frames is not None:
+            raise ValueError("FLUX generates images; num_frames applies to video families only")
+        scale = int(self.pipe.vae_scale_factor)
+        return (int(self.denoiser.config.in_channels) // 4, 2 * (int(height) // (scale * 2)),
+                2 * (int(width) // (scale * 2)))
+
+    def timestep_kwargs(self, num_steps: int, latent_shape: tuple[int, ...]) -> dict:
+        """As FluxPipeline: sigmas linspace(1, 1/N, N) and the resolution shift mu from the packed sequence length."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        sched = self.pipe.scheduler.config
+        seq_len = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+        kwargs = {"mu": calculate_shift(seq_len, sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096),
+                                        sched.get("base_shift", 0.5), sched.get("max_shift", 1.15))}
+        if not sched.get("use_flow_sigmas", False):
+            kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+        return kwargs
 
 
     def prompt_embeddings(self, captions: list[str]) -> dict[str, torch.Tensor]:

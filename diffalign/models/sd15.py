@@ -46,6 +46,17 @@ class DDPMNoisingMixin:
     def unit_time(self, t: torch.Tensor) -> torch.Tensor:
         return t.float() / self.num_train_timesteps
 
+    def noise_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(ᾱ_t), sqrt(1-ᾱ_t)) [N]. Fractional t (Euler-type samplers) interpolates ᾱ linearly between
+        the integer timesteps; integer t reads the table exactly (the same values as training)."""
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device).float().reshape(-1)
+        t = t.clamp(0, self.num_train_timesteps - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        frac = t - lo.float()
+        abar = self.alphas_cumprod[lo] * (1 - frac) + self.alphas_cumprod[hi] * frac
+        return abar.sqrt(), (1 - abar).sqrt()
+
 
 class SD15Adapter(DDPMNoisingMixin, FamilyAdapter):
     family = "sd15"
@@ -53,6 +64,7 @@ class SD15Adapter(DDPMNoisingMixin, FamilyAdapter):
     denoiser_attr = "unet"
     is_flow = False
     text_keys = ("prompt_embeds",)
+    default_cfg_scale = 7.5  # StableDiffusionPipeline's default
 
 
     def prompt_embeddings(self, captions: list[str]) -> dict[str, torch.Tensor]:

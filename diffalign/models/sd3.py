@@ -14,6 +14,19 @@ class SD3Adapter(FlowMatchingMixin, FamilyAdapter):
     is_flow = True
     text_keys = ("prompt_embeds", "pooled_prompt_embeds")
     default_max_sequence_length = 256
+    default_cfg_scale = 7.0  # StableDiffusion3Pipeline's default
+
+    def timestep_kwargs(self, num_steps: int, latent_shape: tuple[int, ...]) -> dict:
+        """As StableDiffusion3Pipeline: default sigmas; resolution-dependent shift mu when the scheduler is dynamic."""
+        sched = self.pipe.scheduler.config
+        if not sched.get("use_dynamic_shifting", False):
+            return {}
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        patch = self.denoiser.config.patch_size
+        seq_len = (latent_shape[-2] // patch) * (latent_shape[-1] // patch)
+        return {"mu": calculate_shift(seq_len, sched.get("base_image_seq_len", 256), sched.get("max_image_seq_len", 4096),
+                                      sched.get("base_shift", 0.5), sched.get("max_shift", 1.16))}
 
 
     def prompt_embeddings(self, captions: list[str]) -> dict[str, torch.Tensor]:

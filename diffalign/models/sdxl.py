@@ -11,6 +11,15 @@ class SDXLAdapter(SD15Adapter):
     family = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
     text_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    default_cfg_scale = 5.0  # StableDiffusionXLPipeline's default
+
+    @torch.no_grad()
+    def encode_negative_prompts(self, negatives: list[str] | None, n: int) -> dict[str, torch.Tensor]:
+        """No negative prompt + ``force_zeros_for_empty_prompt`` (SDXL base): zero embeddings, as the pipeline does."""
+        text = super().encode_negative_prompts(negatives, n)
+        if negatives is None and self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            text = {k: torch.zeros_like(v) for k, v in text.items()}
+        return text
 
     def prompt_embeddings(self, captions: list[str]) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(list(captions), device=self.device, do_classifier_free_guidance=False)
