@@ -50,6 +50,28 @@ def test_pretrain_saves_a_folder_that_loads_through_the_user_path(kind, family, 
     assert all(torch.isfinite(v).all() for v in text.values())
 
 
+def test_pretrain_continues_from_a_folder_keeping_its_vae_and_recording_the_chain(pretrained_tiny, tmp_path):
+    """--init-from: the denoiser starts from the earlier weights (not from scratch), the VAE is kept
+    bit for bit, and the record/model card carry the earlier stage so the chain is reproducible."""
+    from safetensors.torch import load_file
+
+    from diffalign.world.pretrain import PretrainConfig, pretrain
+
+    first, first_record = pretrained_tiny["unet"]
+    out = tmp_path / "continued"
+    record = pretrain(PretrainConfig(kind="unet", steps=2, pool=64, batch_size=8, lr=1e-9, lr_schedule="cosine",
+                                     warmup=1, init_from=str(first)), out, show_progress=False)
+    assert record["continued_from"]["config"] == first_record["config"]
+    assert record["total_denoiser_steps"] == first_record["config"]["steps"] + 2
+    assert record["vae"] == first_record["vae"]
+    vae_a, vae_b = (load_file(f / "vae" / "diffusion_pytorch_model.safetensors") for f in (first, out))
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    # lr 1e-9 for 2 steps: the denoiser is the earlier one up to ~1e-8, far from a fresh initialisation
+    unet_a, unet_b = (load_file(f / "unet" / "diffusion_pytorch_model.safetensors") for f in (first, out))
+    assert max(float((unet_a[k] - unet_b[k]).abs().max()) for k in unet_a) < 1e-6
+    assert "CONTINUED an earlier model" in (out / "README.md").read_text()
+
+
 def test_pairs_flow_through_the_normal_data_path(pretrained_tiny, tmp_path):
     from diffalign.config import ModelConfig
     from diffalign.data.preference import load_preference_source, validate_images

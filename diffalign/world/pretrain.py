@@ -10,6 +10,7 @@ on the same hardware and library versions.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ class PretrainConfig:
     prompt_dropout: float = 0.1     # CFG support
     seed: int = 0
     device: str = "auto"
+    lr_schedule: str = "constant"   # constant | cosine (to 0 after warmup)
+    init_from: str = ""             # continue from a world pipeline folder (its VAE is kept, not retrained)
 
 
 def _to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -85,12 +88,24 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
         raise ValueError(f"unknown kind {cfg.kind!r}: use one of {tuple(KIND_FAMILY)}")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: constant or cosine")
     torch.manual_seed(cfg.seed)
     start = time.time()
-    vae = build_world_vae(cfg.seed)
-    vae_stats = train_vae(vae, cfg, device, show_progress)
-    pipe = build_world_pipeline(cfg.kind, vae, cfg.seed)
     family = KIND_FAMILY[cfg.kind]
+    previous = None
+    if cfg.init_from:
+        from diffalign.models import load_pipeline, resolve_pretrained
+
+        pipe = load_pipeline(ModelConfig(family=family, pretrained=cfg.init_from, max_sequence_length=1))
+        vae = pipe.vae
+        prev_record = Path(resolve_pretrained(cfg.init_from)) / "pretrain.json"
+        previous = json.loads(prev_record.read_text()) if prev_record.is_file() else None
+        vae_stats = previous["vae"] if previous else {"vae_mse": float("nan"), "scaling_factor": vae.config.scaling_factor}
+    else:
+        vae = build_world_vae(cfg.seed)
+        vae_stats = train_vae(vae, cfg, device, show_progress)
+        pipe = build_world_pipeline(cfg.kind, vae, cfg.seed)
     adapter = ADAPTERS[family](pipe, ModelConfig(family=family, pretrained="(pretraining)", max_sequence_length=1,
                                                  timestep_sampling="logit_normal"), device=device)
     trainable_modules = [adapter.denoiser] + [m for name in ("text_encoder", "text_encoder_2")
@@ -112,7 +127,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
     captions = [captions[shuffled[i]] if wrong[i] else c for i, c in enumerate(captions)]
 
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    def lr_factor(s: int) -> float:
+        warm = min(1.0, (s + 1) / max(cfg.warmup, 1))
+        if cfg.lr_schedule == "constant" or s < cfg.warmup:
+            return warm
+        return 0.5 * (1.0 + math.cos(math.pi * (s - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(cfg.seed + 24)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc=f"world pretrain {cfg.kind}", disable=not show_progress)
@@ -141,9 +162,25 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
     record = {"config": asdict(cfg), "family": family, "vae": vae_stats,
               "final_loss_mean_last_100": float(np.mean(losses[-100:])), "seconds": time.time() - start,
               "device": str(device), "torch": torch.__version__}
+    if previous is not None:  # a continuation: keep the whole chain, so the card says how the weights were made
+        record["continued_from"] = previous
+        record["total_denoiser_steps"] = previous.get("total_denoiser_steps", previous["config"]["steps"]) + cfg.steps
     (out_dir / "pretrain.json").write_text(json.dumps(record, indent=2))
     write_model_card(out_dir, record)
     return record
+
+
+def _continuation_note(record: dict) -> str:
+    """Card lines for a continued run: the earlier stage(s), oldest first, so the chain is reproducible."""
+    stages, prev = [], record.get("continued_from")
+    while prev is not None:
+        c = prev["config"]
+        stages.append(f"{c['steps']} steps at lr {c['lr']} ({c.get('lr_schedule', 'constant')}), VAE {c['vae_steps']} steps")
+        prev = prev.get("continued_from")
+    if not stages:
+        return ""
+    return ("\n- This run CONTINUED an earlier model (`--init-from`, VAE kept); earlier stages, oldest first: "
+            + "; ".join(reversed(stages)) + f". Denoiser steps in total: {record['total_denoiser_steps']}.")
 
 
 def write_model_card(out_dir: str | Path, record: dict) -> None:
@@ -169,7 +206,7 @@ scene's caption, so preference alignment has room to show.
 - VAE: {cfg['vae_steps']} steps (reconstruction MSE {record['vae']['vae_mse']:.4f}); scaling factor {record['vae']['scaling_factor']:.4f} = 1/std of the latents.
 - Denoiser + text encoder(s): {cfg['steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']}, prompt dropout {cfg['prompt_dropout']},
   on a pool of {cfg['pool']} jittered renders of training-split scenes (held-out scenes never seen).
-- Final training loss (mean of the last 100 steps): {record['final_loss_mean_last_100']:.4f}.
+- Final training loss (mean of the last 100 steps): {record['final_loss_mean_last_100']:.4f}.{_continuation_note(record)}
 - Ran on {record['device']} in {record['seconds'] / 60:.1f} minutes with torch {record['torch']}; seeded, so the same
   command, config and library versions reproduce it.
 
