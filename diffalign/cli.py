@@ -103,12 +103,34 @@ def _quiet_libraries() -> None:
 
 
 def _convention_banner(cfg) -> str:
+    """One line stating the objective's exact convention (signs, scales, which images it trains on)."""
     o = cfg.objective
+    tw = "constant" if o.time_weighting == "constant" else "beta*(1-t)^2 (ablation)"
+    sft = f"; + {o.sft_weight:g} * err_θ(w)" if o.sft_weight else ""
+    scale = (f"S = (score - {o.score_min:g}) / ({o.score_max:g} - {o.score_min:g}) from data.score_column="
+             f"{cfg.data.score_column!r}")
     if o.name == "dpo":
-        tw = "constant" if o.time_weighting == "constant" else "beta*(1-t)^2 (ablation)"
         return (f"objective: DPO ({o.loss_type}), beta={o.beta:g} with inside = -(beta/2)[(err_θ(w)-err_ref(w)) - "
-                f"(err_θ(l)-err_ref(l))], err = per-sample mean squared error; time weighting {tw}"
-                + (f"; + {o.sft_weight:g} * err_θ(w)" if o.sft_weight else ""))
+                f"(err_θ(l)-err_ref(l))], err = per-sample mean squared error; time weighting {tw}" + sft)
+    if o.name == "gapo":
+        return (f"objective: GAPO ({o.loss_type}), loss = mean over pairs of (2^S_w - 2^S_l) * DPO loss(inside), "
+                f"each pair weighted BEFORE the mean; inside = -(beta/2)[(err_θ(w)-err_ref(w)) - (err_θ(l)-err_ref(l))], "
+                f"beta={o.beta:g}, time weighting {tw}; {scale}, must lie in [0, 1] with S_w >= S_l" + sft)
+    if o.name == "rwr":
+        clip = (f"clipped at {o.weight_clip:g} with the excess redistributed" if o.weight_clip is not None
+                else "unclipped")
+        return (f"objective: Flow-RWR, loss = mean_i w_i err_θ(x_i) over winners AND losers as single images, "
+                f"w = N softmax(S/tau) (sum N), tau={o.tau:g}, {clip}; {scale}; no reference model")
+    if o.name == "kto":
+        return (f"objective: Diffusion-KTO, g = err_ref - err_θ, z0 = max(0, batch mean g) detached, "
+                f"loss = mean lambda_y (1 - σ(±beta (g - z0))), + for desirable (winners), - for undesirable "
+                f"(losers), beta={o.beta:g}, lambda_D={o.kto_lambda_desirable:g}, lambda_U={o.kto_lambda_undesirable:g}")
+    if o.name == "mapo":
+        return (f"objective: MaPO (reference-free), s(e) = γe/(exp(γe)-1) (decreasing), loss = mean err_θ(w) - "
+                f"{o.mapo_weight:g} * mean log σ({o.mapo_scale:g} (s(err_θ(w)) - s(err_θ(l)))), γ={o.mapo_gamma:g}; "
+                "no reference forward")
+    if o.name == "sft":
+        return "objective: SFT, loss = mean err_θ(w) on winners only; no reference model"
     return f"objective: {o.name}"
 
 

@@ -61,6 +61,7 @@ class DataConfig:
     path: str = _f("", "Preference data: parquet file/folder, datasets save_to_disk folder, .jsonl, .csv, a hub dataset id, or 'toy:pairs'.")
     split: str = _f("train", "Split name for datasets folders and hub ids.")
     caption_column: str = _f("caption", "Column holding the prompt.")
+    score_column: str | None = _f(None, "Per-image reward columns read with each pair and oriented with it (objectives gapo and rwr need them): a base name 'score' -> columns score_0/score_1 (the world's pairs parquet: score = oracle overall, or color, shape, background, layout), or two names 'col_a,col_b' for jpg_0/jpg_1. null = no scores.")
     resolution: int = _f(512, "Training resolution in pixels (square).")
     center_crop: bool = _f(False, "Center crop instead of a random crop (the same crop for both images of a pair).")
     random_flip: bool = _f(True, "Random horizontal flip (the same flip for both images of a pair).")
@@ -81,11 +82,20 @@ class CacheConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _f("dpo", "Training objective: dpo (Diffusion-DPO / Flow-DPO) | sft (plain denoising loss on winners).")
-    beta: float = _f(5000.0, "DPO beta in the convention inside = -(beta/2)[(err_θ(w)-err_ref(w)) - (err_θ(l)-err_ref(l))], err = per-sample MEAN squared error. SD1.5/SDXL: 5000 (= diffusers' beta_dpo 2500); flow: 100-2000.")
+    name: str = _f("dpo", "Training objective: dpo (Diffusion-DPO / Flow-DPO) | sft (plain denoising loss on winners) | gapo (DPO, each pair weighted by 2^S_w - 2^S_l) | rwr (Flow-RWR, reward-weighted loss on every image) | kto (Diffusion-KTO, winners desirable, losers undesirable) | mapo (MaPO, reference-free).")
+    beta: float = _f(5000.0, "DPO/GAPO beta in the convention inside = -(beta/2)[(err_θ(w)-err_ref(w)) - (err_θ(l)-err_ref(l))], err = per-sample MEAN squared error. SD1.5/SDXL: 5000 (= diffusers' beta_dpo 2500); flow: 100-2000. Diffusion-KTO: the beta of σ(±beta (g - z0)), 1000 in the paper's code.")
     loss_type: str = _f("sigmoid", "sigmoid (-log σ(inside)) | hinge (relu(1 - inside)) | ipo ((inside/beta - 1/(2 beta))^2).")
     time_weighting: str = _f("constant", "Flow DPO beta over time: 'constant' (default, VideoAlign) or 'one_minus_t_sq' (beta (1-t)^2, ablation only: reward-hacks).")
-    sft_weight: float = _f(0.0, "Add sft_weight * err_θ(w) to the DPO loss (stabiliser).")
+    sft_weight: float = _f(0.0, "Add sft_weight * err_θ(w) to the DPO or GAPO loss (stabiliser).")
+    score_min: float = _f(0.0, "gapo/rwr: rewards are scaled as S = (score - score_min) / (score_max - score_min); GAPO needs S in [0, 1]. The defaults keep [0, 1] scores (the world oracle's) unchanged.")
+    score_max: float = _f(1.0, "gapo/rwr: upper end of the score scaling (see score_min).")
+    tau: float = _f(0.1, "rwr: temperature of the weights w = N softmax(S / tau) over the batch's N images, in units of the scaled score S.")
+    weight_clip: float | None = _f(4.0, "rwr: clip each weight at this value (>= 1) and redistribute the excess so weights still sum to N (default; keeps the effective sample size >= N/weight_clip). null = plain self-normalised exp weights.")
+    kto_lambda_desirable: float = _f(1.0, "kto: weight λ_D of the desirable (winner) samples' loss.")
+    kto_lambda_undesirable: float = _f(1.0, "kto: weight λ_U of the undesirable (loser) samples' loss.")
+    mapo_gamma: float = _f(0.5, "mapo: γ of s(err) = γ err / (exp(γ err) - 1) (the official snr_value).")
+    mapo_weight: float = _f(0.1, "mapo: weight λ of the margin term, loss = err_θ(w) - λ log σ(scale (s(err_w) - s(err_l))) (the official beta_mapo).")
+    mapo_scale: float = _f(1000.0, "mapo: multiplier of the margin inside log σ (the official code uses num_train_timesteps = 1000).")
 
 
 @dataclass
@@ -145,7 +155,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.ties": ("drop", "error"),
     "data.on_error": ("raise", "skip"),
     "cache.dtype": ("float32", "float16", "bfloat16"),
-    "objective.name": ("dpo", "sft"),
+    "objective.name": ("dpo", "sft", "gapo", "rwr", "kto", "mapo"),
     "objective.loss_type": ("sigmoid", "hinge", "ipo"),
     "objective.time_weighting": ("constant", "one_minus_t_sq"),
     "optim.optimizer": ("adamw", "adamw8bit"),
@@ -235,18 +245,20 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def _apply(obj: Any, mapping: dict, prefix: str, source: str) -> None:
+def _apply(obj: Any, mapping: dict, prefix: str, source: str, root: type | None = None) -> None:
+    """Set fields of the dataclass tree ``obj`` from a nested mapping; unknown keys are errors that
+    suggest the nearest key of ``root`` (the top-level config class; default RunConfig)."""
     hints = _field_types(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in mapping.items():
         key = f"{prefix}{k}"
         if k not in names:
-            raise ConfigError(f"{source}: unknown config key '{key}'.{_suggest(key, all_keys())}")
+            raise ConfigError(f"{source}: unknown config key '{key}'.{_suggest(key, all_keys(root or RunConfig))}")
         tp = hints[k]
         if _is_config(tp):
             if not isinstance(v, dict):
                 raise ConfigError(f"{source}: '{key}' is a section; give it a mapping, not {v!r}")
-            _apply(getattr(obj, k), v, key + ".", source)
+            _apply(getattr(obj, k), v, key + ".", source, root)
         else:
             setattr(obj, k, _coerce(f"{source}: {key}", v, tp))
 
@@ -263,13 +275,49 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.prompt_dropout must lie in [0, 1], got {cfg.data.prompt_dropout}")
     if cfg.objective.beta <= 0:
         raise ConfigError(f"objective.beta must be > 0, got {cfg.objective.beta}")
+    o = cfg.objective
+    if not o.score_max > o.score_min:
+        raise ConfigError(f"objective.score_max ({o.score_max}) must be greater than objective.score_min ({o.score_min})")
+    if o.tau <= 0:
+        raise ConfigError(f"objective.tau must be > 0, got {o.tau}")
+    if o.weight_clip is not None and o.weight_clip < 1:
+        raise ConfigError(f"objective.weight_clip must be >= 1 (weights average 1) or null, got {o.weight_clip}")
+    if o.kto_lambda_desirable < 0 or o.kto_lambda_undesirable < 0:
+        raise ConfigError("objective.kto_lambda_desirable and objective.kto_lambda_undesirable must be >= 0")
+    if o.mapo_gamma <= 0 or o.mapo_scale <= 0 or o.mapo_weight < 0:
+        raise ConfigError("objective.mapo_gamma and objective.mapo_scale must be > 0, objective.mapo_weight >= 0")
+    # the DPO-logit options mean nothing to the other objectives: refuse them instead of silently ignoring them
+    if o.name not in ("dpo", "gapo"):
+        for key, default in (("loss_type", "sigmoid"), ("time_weighting", "constant"), ("sft_weight", 0.0)):
+            if getattr(o, key) != default:
+                raise ConfigError(f"objective.{key}={getattr(o, key)!r} applies to objective.name=dpo or gapo only, "
+                                  f"not {o.name!r}")
+    if cfg.data.score_column is not None and not cfg.data.score_column.strip():
+        raise ConfigError("data.score_column is empty: give a base name like 'score' or two columns 'a,b', or null")
 
 
 # --------------------------------------------------------------------------- loading
 
-def recipe_names() -> list[str]:
-    """Names of the recipes shipped in configs/ (installed as diffalign.configs)."""
-    return sorted(p.name[:-5] for p in resources.files("diffalign.configs").iterdir() if p.name.endswith(".yaml"))
+# A recipe's top-level ``task`` says which command runs it; recipes without one are `diffalign train`
+# recipes. Reward-model recipes (``task: train-reward``) live in the same configs/ package.
+TRAIN_TASK = "train"
+REWARD_TASK = "train-reward"
+
+
+def recipe_task(path: Path) -> str:
+    """The ``task`` of a recipe file: 'train' (the default) or 'train-reward'."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    task = data.get("task", TRAIN_TASK) if isinstance(data, dict) else TRAIN_TASK
+    return str(task)
+
+
+def recipe_names(task: str | None = None) -> list[str]:
+    """Names of the recipes shipped in configs/ (installed as diffalign.configs); ``task`` filters by
+    the command that runs them ('train' or 'train-reward'; None = all)."""
+    names = sorted(p.name[:-5] for p in resources.files("diffalign.configs").iterdir() if p.name.endswith(".yaml"))
+    if task is None:
+        return names
+    return [n for n in names if recipe_task(resolve_recipe(n)) == task]
 
 
 def resolve_recipe(name_or_path: str) -> Path:
@@ -310,6 +358,10 @@ def load_config(name_or_path: str | None = None, overrides: typing.Sequence[str]
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        if data.get("task", TRAIN_TASK) != TRAIN_TASK:
+            raise ConfigError(f"{path}: this is a '{data['task']}' recipe, run it with `diffalign {data['task']} "
+                              f"{name_or_path}`")
+        data.pop("task", None)
         if "name" not in data:
             cfg.name = path.stem
         _apply(cfg, data, "", str(path))

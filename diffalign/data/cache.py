@@ -6,11 +6,16 @@ Layout of a cache folder::
                              counts, tensor shapes); written last, so a folder without it is incomplete
     empty_prompt.safetensors text.<key> [1, ...]: the empty-prompt embedding used for prompt dropout
     shard-00000.safetensors  latents_w, latents_l [N,C,h,w]; text.<key> [N,...]; original_size_w/l,
-                             crop_top_left [N,2]; row [N] (row in the source, for messages)
+                             crop_top_left [N,2]; row [N] (row in the source, for messages); and, when
+                             built with data.score_column, score_w, score_l [N] (float32 rewards, oriented)
 
 Training compares the manifest with its own config and refuses a cache that differs, listing every
 differing key with both values. Augmentation (crop, flip) is frozen at cache time with data seed 0
 of the run that built it; prompt dropout stays a training-time choice.
+
+Per-image scores (GAPO, Flow-RWR) are part of the cache's identity: ``data.score_column`` is a manifest key,
+so a cache built without scores is refused for a run that asks for them (and the other way round), with a
+message saying to rebuild it with the score column.
 """
 from __future__ import annotations
 
@@ -81,6 +86,8 @@ def expected_manifest_keys(cfg: RunConfig) -> dict[str, Any]:
         "data.ties": cfg.data.ties,
         "data.max_pairs": cfg.data.max_pairs,
         "data.identity": data_identity(data_path, cfg.data.split),
+        # absent from caches written before scores existed: get() gives None there, which equals the default
+        "data.score_column": cfg.data.score_column,
     }
 
 
@@ -98,8 +105,15 @@ def check_manifest(cache_dir: str | Path, cfg: RunConfig) -> dict:
     have = manifest["keys"]
     diffs = [f"  {k}: cache has {have.get(k)!r}, config wants {v!r}" for k, v in want.items() if have.get(k) != v]
     if diffs:
+        hint = ""
+        if have.get("data.score_column") != want["data.score_column"]:
+            hint = ("\nThe cache was built " + ("without per-image scores" if have.get("data.score_column") is None
+                                                 else f"with data.score_column={have.get('data.score_column')!r}")
+                    + (f"; this run reads scores from data.score_column={want['data.score_column']!r} (objectives "
+                       "gapo and rwr need them): rebuild the cache with that setting."
+                       if want["data.score_column"] is not None else "; set data.score_column to match it."))
         raise CacheMismatchError(
-            f"cache {cache_dir} does not match this run's config:\n" + "\n".join(diffs)
+            f"cache {cache_dir} does not match this run's config:\n" + "\n".join(diffs) + hint
             + "\nRebuild it (diffalign cache <config> cache.dir=NEW_DIR) or fix the config."
         )
     return manifest
@@ -112,7 +126,7 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
     half-cache behind. Returns the manifest.
     """
     from diffalign.data.loading import load_source_for
-    from diffalign.data.preference import PreferencePairDataset, collate_pairs
+    from diffalign.data.preference import PreferencePairDataset, collate_pairs, score_columns_from
     from diffalign.data.transforms import JointTransform
     from diffalign.models.base import DTYPES
 
@@ -169,6 +183,8 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
             "original_size_w": batch["original_size_w"], "original_size_l": batch["original_size_l"],
             "crop_top_left": batch["crop_top_left"], "row": torch.tensor(batch["row"], dtype=torch.long),
             **{f"text.{k}": v.to(store).cpu() for k, v in text.items()},
+            # rewards stay float32 whatever cache.dtype: bf16 would round a [0, 1] score to ~3 digits
+            **{k: batch[k].float() for k in ("score_w", "score_l") if k in batch},
         }
         for k, v in rows.items():
             buffer.setdefault(k, []).append(v)
@@ -193,6 +209,8 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
         "keys": expected_manifest_keys(cfg),
         "preprocessing": {"vae_latent": "posterior mean, (z - shift) * scaling", "augmentation_seed": 0,
                           "pixel_range": "[-1, 1]", "dtype": cfg.cache.dtype},
+        "scores": ({"columns": list(score_columns_from(cfg.data.score_column)), "dtype": "float32"}
+                   if cfg.data.score_column is not None else None),
         "adapter": {"family": adapter.family, "text_keys": list(adapter.text_keys)},
         "counts": counts,
         "shapes": shapes,
@@ -237,7 +255,19 @@ class CachedPairDataset(torch.utils.data.Dataset):
             "latents_w": item["latents_w"].float(), "latents_l": item["latents_l"].float(), "text": text,
             "original_size_w": item["original_size_w"], "original_size_l": item["original_size_l"],
             "crop_top_left": item["crop_top_left"], "row": int(item["row"]),
+            **{k: item[k].float() for k in ("score_w", "score_l") if k in item},
         }
+
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
+        """(score_w [N], score_l [N], source rows) of every cached pair, or None for a cache without scores."""
+        parts: dict[str, list[torch.Tensor]] = {"score_w": [], "score_l": [], "row": []}
+        for s in range(len(self.manifest["shards"])):
+            f = self._shard(s)
+            if "score_w" not in f.keys():
+                return None
+            for k in parts:
+                parts[k].append(f.get_tensor(k))
+        return torch.cat(parts["score_w"]).float(), torch.cat(parts["score_l"]).float(), torch.cat(parts["row"]).tolist()
 
     def __getstate__(self):  # safetensors handles do not pickle into DataLoader workers
         state = self.__dict__.copy()

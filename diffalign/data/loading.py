@@ -15,10 +15,11 @@ def resolve_data_path(path: str) -> str:
 
 
 def load_source_for(data: DataConfig):
-    """Read ``data.path`` with the config's tie, bad-row and caption-column options."""
-    from diffalign.data.preference import load_preference_source
+    """Read ``data.path`` with the config's tie, bad-row, caption-column and score-column options."""
+    from diffalign.data.preference import load_preference_source, score_columns_from
 
     if not data.path:
         raise ValueError("data.path is empty: give a parquet file/folder, a datasets folder, a .jsonl/.csv or toy:pairs")
     return load_preference_source(resolve_data_path(data.path), split=data.split, caption_column=data.caption_column,
-                                  ties=data.ties, on_error=data.on_error, max_pairs=data.max_pairs)
+                                  ties=data.ties, on_error=data.on_error, max_pairs=data.max_pairs,
+                                  score_columns=score_columns_from(data.score_column))

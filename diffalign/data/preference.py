@@ -12,6 +12,9 @@ Conventions:
   blank lines are not rows; in .csv files the header is not a row.
 * Image bytes are not decoded at load time (Pick-a-Pic has ~1M pairs); :func:`decode_image` finds
   corrupt images when a pair is used, and :func:`validate_images` decodes all of them up front.
+* Per-image reward scores (``score_columns``, from ``data.score_column``) are optional. When asked for,
+  both columns must exist and every kept pair must hold two finite numbers; they are oriented with the
+  pair (``score_w`` belongs to the winner) and enter the fingerprint. Without them nothing changes.
 * Bad rows (bad label, empty image, missing file, missing caption, corrupt image) raise a
   :class:`DataError` naming the source and the row (``on_error='raise'``), or are skipped and
   counted in :attr:`SourceCounts.skipped` (``on_error='skip'``). Nothing bad is used silently.
@@ -57,6 +60,8 @@ class PairRecord:
     caption: str
     image_w: bytes | str
     image_l: bytes | str
+    score_w: float | None = None  # reward of the winner / loser (data.score_column); None when not read
+    score_l: float | None = None
 
 
 @dataclass
@@ -229,9 +234,11 @@ def _resolve_image(value: Any, base_dir: Path | None, h: "hashlib._Hash") -> tup
 class _Builder:
     """Applies the label / tie / bad-row rules row by row and accumulates counts and the hash."""
 
-    def __init__(self, name: str, *, caption_column: str, ties: str, on_error: str, max_pairs: int | None) -> None:
+    def __init__(self, name: str, *, caption_column: str, ties: str, on_error: str, max_pairs: int | None,
+                 score_columns: tuple[str, str] | None = None) -> None:
         self.name = name
         self.caption_column = caption_column
+        self.score_columns = score_columns
         self.ties = ties
         self.on_error = on_error
         self.max_pairs = max_pairs
@@ -266,7 +273,9 @@ class _Builder:
         self._bad(row, reason)
 
     def add(self, caption: Any, label_0: Any, label_1: Any, image_0: Any, image_1: Any,
-            image_columns: tuple[str, str], base_dir: Path | None) -> None:
+            image_columns: tuple[str, str], base_dir: Path | None,
+            scores: tuple[Any, Any] | None = None) -> None:
+        """One source row; ``scores`` = the raw (slot 0, slot 1) values of ``score_columns`` when set."""
         row = self.counts.rows
         self.counts.rows += 1
         h = self.hash
@@ -274,6 +283,8 @@ class _Builder:
         _hash_field(h, b"C", repr(caption).encode("utf-8", "replace"))
         _hash_field(h, b"L", repr(label_0).encode())
         _hash_field(h, b"M", b"" if label_1 is _ABSENT else repr(label_1).encode())
+        if self.score_columns is not None:  # only then, so sources read without scores keep their fingerprint
+            _hash_field(h, b"S", repr(scores).encode())
         ref_0, why_0 = _resolve_image(image_0, base_dir, h)
         ref_1, why_1 = _resolve_image(image_1, base_dir, h)
 
@@ -301,9 +312,20 @@ class _Builder:
         if why_1 is not None:
             return self._bad(row, f"{image_columns[1]}: {why_1}")
         assert ref_0 is not None and ref_1 is not None
-        # label_0 == 1 -> slot 0 won; label_0 == 0 -> slot 1 won, so swap.
+        s0 = s1 = None
+        if self.score_columns is not None:
+            raw = scores if scores is not None else (_ABSENT, _ABSENT)
+            parsed = [_parse_label(v) for v in raw]
+            for col, value, got in zip(self.score_columns, raw, parsed):
+                if got is None:
+                    shown = "missing" if value is _ABSENT else repr(value)
+                    return self._bad(row, f"score column {col!r} must hold a finite number, got {shown} "
+                                          "(data.score_column)")
+            s0, s1 = parsed
+        # label_0 == 1 -> slot 0 won; label_0 == 0 -> slot 1 won, so swap (the scores travel with their images).
         w, l = (ref_0, ref_1) if l0 == 1.0 else (ref_1, ref_0)
-        self.records.append(PairRecord(row=row, caption=caption, image_w=w, image_l=l))
+        score_w, score_l = (s0, s1) if l0 == 1.0 else (s1, s0)
+        self.records.append(PairRecord(row=row, caption=caption, image_w=w, image_l=l, score_w=score_w, score_l=score_l))
         self.counts.pairs += 1
         return None
 
@@ -349,20 +371,49 @@ def _columns(where: str, names: list[str], caption_column: str) -> tuple[tuple[s
     return images, "label_1" in names
 
 
+def score_columns_from(spec: str | None) -> tuple[str, str] | None:
+    """``data.score_column`` -> the (slot 0, slot 1) column names: 'score' -> ('score_0', 'score_1'),
+    'a,b' -> ('a', 'b'), None -> None."""
+    if spec is None:
+        return None
+    parts = [p.strip() for p in str(spec).split(",")]
+    if len(parts) == 1 and parts[0]:
+        return f"{parts[0]}_0", f"{parts[0]}_1"
+    if len(parts) == 2 and all(parts):
+        return parts[0], parts[1]
+    raise DataError(f"data.score_column={spec!r}: give a base name ('score' reads score_0/score_1) or two column "
+                    "names separated by a comma ('reward_a,reward_b' for jpg_0/jpg_1)")
+
+
+def _check_score_columns(where: str, names: list[str], score_columns: tuple[str, str] | None) -> list[str]:
+    """The score columns to read (empty when none were asked for); DataError if any is missing."""
+    if score_columns is None:
+        return []
+    missing = [c for c in score_columns if c not in names]
+    if missing:
+        raise DataError(f"{where}: missing score column(s) {', '.join(missing)} asked for by data.score_column; "
+                        f"columns present: {', '.join(names) if names else '(none)'}. The world's pairs parquet "
+                        "has score_0/score_1 (data.score_column=score) and per-dimension {dim}_0/{dim}_1.")
+    return list(score_columns)
+
+
 # --------------------------------------------------------------------------------------------
 # Formats
 
 
 def _read_arrow_batches(b: _Builder, batches: Iterator[Any], images: tuple[str, str], has_label_1: bool,
                         caption_column: str, base_dir: Path | None) -> None:
+    sc = b.score_columns
     for batch in batches:
         cols = {name: batch.column(name).to_pylist()
-                for name in {images[0], images[1], "label_0", caption_column} | ({"label_1"} if has_label_1 else set())}
+                for name in {images[0], images[1], "label_0", caption_column} | ({"label_1"} if has_label_1 else set())
+                | (set(sc) if sc else set())}
         for i in range(batch.num_rows):
             if b.full:
                 return
             b.add(cols[caption_column][i], cols["label_0"][i], cols["label_1"][i] if has_label_1 else _ABSENT,
-                  cols[images[0]][i], cols[images[1]][i], images, base_dir)
+                  cols[images[0]][i], cols[images[1]][i], images, base_dir,
+                  scores=(cols[sc[0]][i], cols[sc[1]][i]) if sc else None)
 
 
 def _load_parquet(b: _Builder, files: list[Path], caption_column: str) -> None:
@@ -378,9 +429,10 @@ def _load_parquet(b: _Builder, files: list[Path], caption_column: str) -> None:
                             "Re-download or rewrite the file.") from None
         names = list(pf.schema_arrow.names)
         images, has_label_1 = _columns(str(file), names, caption_column)
+        score_cols = _check_score_columns(str(file), names, b.score_columns)
         if len(files) > 1:
             b.start_part(str(file))
-        wanted = [images[0], images[1], "label_0", caption_column] + (["label_1"] if has_label_1 else [])
+        wanted = [images[0], images[1], "label_0", caption_column] + (["label_1"] if has_label_1 else []) + score_cols
         batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=list(dict.fromkeys(wanted)))
         # Image structs may carry relative paths (HF Image feature): resolve against the file's folder.
         _read_arrow_batches(b, batches, images, has_label_1, caption_column, file.parent)
@@ -388,7 +440,8 @@ def _load_parquet(b: _Builder, files: list[Path], caption_column: str) -> None:
 
 def _read_dataset(b: _Builder, ds: Any, caption_column: str, base_dir: Path | None) -> None:
     images, has_label_1 = _columns(b.name, list(ds.column_names), caption_column)
-    wanted = [images[0], images[1], "label_0", caption_column] + (["label_1"] if has_label_1 else [])
+    score_cols = _check_score_columns(b.name, list(ds.column_names), b.score_columns)
+    wanted = [images[0], images[1], "label_0", caption_column] + (["label_1"] if has_label_1 else []) + score_cols
     # Arrow format never decodes an Image feature: we get {"bytes", "path"} structs (or raw bytes).
     table_ds = ds.select_columns(list(dict.fromkeys(wanted))).with_format("arrow")
     _read_arrow_batches(b, table_ds.iter(batch_size=_BATCH_ROWS), images, has_label_1, caption_column, base_dir)
@@ -429,9 +482,12 @@ def _load_jsonl(b: _Builder, file: Path, caption_column: str) -> None:
                 continue
             if images is None:  # the first record defines the columns
                 images, has_label_1 = _columns(str(file), list(obj.keys()), caption_column)
+                _check_score_columns(str(file), list(obj.keys()), b.score_columns)
+            sc = b.score_columns
             b.add(obj.get(caption_column, _ABSENT), obj.get("label_0", _ABSENT),
                   obj.get("label_1", _ABSENT) if has_label_1 else _ABSENT,
-                  obj.get(images[0], _ABSENT), obj.get(images[1], _ABSENT), images, file.parent)
+                  obj.get(images[0], _ABSENT), obj.get(images[1], _ABSENT), images, file.parent,
+                  scores=(obj.get(sc[0], _ABSENT), obj.get(sc[1], _ABSENT)) if sc else None)
     if images is None:
         raise DataError(f"{file}: no JSON records found. Write one object per line with jpg_0/jpg_1 "
                         f"(or image_0/image_1) paths, label_0 and {caption_column!r}.")
@@ -443,13 +499,17 @@ def _load_csv(b: _Builder, file: Path, caption_column: str) -> None:
         if reader.fieldnames is None:
             raise DataError(f"{file}: empty CSV (no header row). The header must name jpg_0/jpg_1 "
                             f"(or image_0/image_1), label_0 and {caption_column!r}.")
-        images, has_label_1 = _columns(str(file), [c for c in reader.fieldnames if c is not None], caption_column)
+        fields = [c for c in reader.fieldnames if c is not None]
+        images, has_label_1 = _columns(str(file), fields, caption_column)
+        _check_score_columns(str(file), fields, b.score_columns)
+        sc = b.score_columns
         for rec in reader:
             if b.full:
                 return
             # A short row leaves trailing cells as None (-> bad row); an empty cell is "".
             b.add(rec.get(caption_column), rec.get("label_0"), rec.get("label_1") if has_label_1 else _ABSENT,
-                  rec.get(images[0]), rec.get(images[1]), images, file.parent)
+                  rec.get(images[0]), rec.get(images[1]), images, file.parent,
+                  scores=(rec.get(sc[0]), rec.get(sc[1])) if sc else None)
 
 
 def _parquet_files(folder: Path, split: str) -> list[Path]:
@@ -482,7 +542,8 @@ def _looks_local(spec: str) -> bool:
 
 def load_preference_source(path: str, *, split: str = "train", caption_column: str = "caption",
                            ties: str = "drop", on_error: str = "raise", max_pairs: int | None = None,
-                           cache_root: str | Path | None = None) -> PreferenceSource:
+                           cache_root: str | Path | None = None,
+                           score_columns: tuple[str, str] | None = None) -> PreferenceSource:
     """Read a preference source into oriented pairs (see the module docstring for the rules).
 
     ``path`` may be a ``.parquet`` file or a folder of them (Pick-a-Pic: ``jpg_0``, ``jpg_1`` bytes or
@@ -490,7 +551,8 @@ def load_preference_source(path: str, *, split: str = "train", caption_column: s
     DatasetDict split), a ``.jsonl``/``.csv`` with image paths (relative to the file's folder),
     ``toy:pairs[?n=..&size=..&seed=..&ties=..]`` (written once under ``cache_root``, default
     :func:`default_cache_root`), or otherwise a hub dataset id (``datasets.load_dataset``).
-    ``max_pairs`` keeps the first N usable pairs and stops reading there.
+    ``max_pairs`` keeps the first N usable pairs and stops reading there. ``score_columns`` (slot 0, slot 1)
+    reads a reward per image into ``PairRecord.score_w``/``score_l`` (see :func:`score_columns_from`).
     """
     if ties not in ("drop", "error"):
         raise DataError(f"data.ties must be 'drop' or 'error', got {ties!r}")
@@ -500,7 +562,7 @@ def load_preference_source(path: str, *, split: str = "train", caption_column: s
         raise DataError(f"data.max_pairs must be a positive integer or null, got {max_pairs!r}")
     spec = str(path)
     b = _Builder(spec, caption_column=caption_column, ties=ties, on_error=on_error,
-                 max_pairs=None if max_pairs is None else int(max_pairs))
+                 max_pairs=None if max_pairs is None else int(max_pairs), score_columns=score_columns)
     if not spec:
         raise DataError("data.path is empty: set it to a parquet file/folder, a datasets folder, a .jsonl/.csv, "
                         "a hub dataset id, or 'toy:pairs'.")
@@ -599,6 +661,7 @@ def validate_images(source: PreferenceSource, on_error: str = "raise") -> Prefer
 
 
 _TENSOR_KEYS = ("pixels_w", "pixels_l", "original_size_w", "original_size_l", "crop_top_left")
+_SCORE_KEYS = ("score_w", "score_l")  # present only when the source was read with score columns
 
 
 class PreferencePairDataset(torch.utils.data.Dataset):
@@ -606,7 +669,8 @@ class PreferencePairDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` or ``dataset[(i, epoch)]`` returns a dict with ``pixels_w``/``pixels_l``
     (float ``[3, R, R]`` in [-1, 1]), ``caption``, ``row`` and the SDXL micro-conditioning
-    ``original_size_w``/``original_size_l``/``crop_top_left`` (LongTensor[2], (h, w) / (top, left)).
+    ``original_size_w``/``original_size_l``/``crop_top_left`` (LongTensor[2], (h, w) / (top, left)), and
+    ``score_w``/``score_l`` (float32 scalars) when the source carries per-image scores.
     Augmentation is seeded by :func:`pair_generator` ``(seed, i, epoch)``. A pair whose image does not
     decode raises :class:`DataError` (``on_error='raise'``) or gives ``None`` (``'skip'``), which
     :func:`collate_pairs` drops and counts.
@@ -651,17 +715,23 @@ class PreferencePairDataset(torch.utils.data.Dataset):
             "original_size_w": torch.tensor(meta.original_size_w, dtype=torch.long),
             "original_size_l": torch.tensor(meta.original_size_l, dtype=torch.long),
             "crop_top_left": torch.tensor(meta.crop_top_left, dtype=torch.long),
+            **({"score_w": torch.tensor(rec.score_w, dtype=torch.float32),
+                "score_l": torch.tensor(rec.score_l, dtype=torch.float32)} if rec.score_w is not None else {}),
         }
 
 
 def collate_pairs(items: list[dict[str, Any] | None]) -> dict[str, Any]:
-    """Batch dataset items: tensors stacked, ``caption``/``row`` as lists, ``skipped`` = number of
-    ``None`` items dropped. If every item was skipped: ``{"skipped": n, "pixels_w": None}``."""
+    """Batch dataset items: tensors stacked (``score_w``/``score_l`` [B] when present), ``caption``/``row`` as
+    lists, ``skipped`` = number of ``None`` items dropped. If every item was skipped:
+    ``{"skipped": n, "pixels_w": None}``."""
     kept = [item for item in items if item is not None]
     skipped = len(items) - len(kept)
     if not kept:
         return {"skipped": skipped, "pixels_w": None}
     batch: dict[str, Any] = {key: torch.stack([item[key] for item in kept]) for key in _TENSOR_KEYS}
+    for key in _SCORE_KEYS:  # [B] float32 rewards, oriented like the pixels
+        if all(key in item for item in kept):
+            batch[key] = torch.stack([item[key] for item in kept])
     batch["caption"] = [item["caption"] for item in kept]
     batch["row"] = [item["row"] for item in kept]
     batch["skipped"] = skipped

@@ -4,6 +4,10 @@ Each pair's caption names a shape and two colours, e.g. "a red square on a blue 
 WINNER draws exactly that; the LOSER draws the same shape in wrong colours, or is a noisy copy of
 the winner. The winner sits in slot 0 or slot 1 at random (``label_0`` = 1 or 0, ``label_1`` =
 1 - ``label_0``), so loaders must swap correctly. ``ties`` extra rows have ``label_0`` = 0.5.
+With ``scores=True`` (``toy:pairs?scores=1``) the file also has reward columns ``score_0``/``score_1`` in
+[0, 1] like the world's pairs parquet: the winner's score is drawn from U(0.6, 1), the loser's from
+U(0, 0.4) (a tie's two images share one score), from a separate random stream so the pictures are the
+same as without scores.
 The file is a function of the arguments only: same arguments, same bytes (verified by the tests).
 """
 from __future__ import annotations
@@ -57,9 +61,11 @@ def _wrong(rng: np.random.Generator, *avoid: str) -> str:
     return names[int(rng.integers(len(names)))]
 
 
-def write_toy_pairs(path: str | Path, n_pairs: int = 16, size: int = 32, seed: int = 0, ties: int = 0) -> Path:
+def write_toy_pairs(path: str | Path, n_pairs: int = 16, size: int = 32, seed: int = 0, ties: int = 0,
+                    scores: bool = False) -> Path:
     """Write a Pick-a-Pic-format parquet (``jpg_0``, ``jpg_1`` JPEG q95 bytes, ``label_0``, ``label_1``,
-    ``caption``) with ``n_pairs`` preference pairs plus ``ties`` tied rows; returns the path.
+    ``caption``; plus ``score_0``, ``score_1`` when ``scores``) with ``n_pairs`` preference pairs plus
+    ``ties`` tied rows; returns the path.
 
     Written to a temporary file and renamed into place, so concurrent writers never leave a torn file.
     """
@@ -93,15 +99,24 @@ def write_toy_pairs(path: str | Path, n_pairs: int = 16, size: int = 32, seed: i
         pos = int(rng.integers(len(rows) + 1))  # ties interleaved, as in real data
         rows.insert(pos, (a, b, 0.5, f"a {fg} {shape} on a {bg} background"))
 
-    table = pa.table(
-        {
-            "jpg_0": pa.array([r[0] for r in rows], type=pa.binary()),
-            "jpg_1": pa.array([r[1] for r in rows], type=pa.binary()),
-            "label_0": pa.array([r[2] for r in rows], type=pa.float64()),
-            "label_1": pa.array([1.0 - r[2] for r in rows], type=pa.float64()),
-            "caption": pa.array([r[3] for r in rows], type=pa.string()),
-        }
-    )
+    columns = {
+        "jpg_0": pa.array([r[0] for r in rows], type=pa.binary()),
+        "jpg_1": pa.array([r[1] for r in rows], type=pa.binary()),
+        "label_0": pa.array([r[2] for r in rows], type=pa.float64()),
+        "label_1": pa.array([1.0 - r[2] for r in rows], type=pa.float64()),
+        "caption": pa.array([r[3] for r in rows], type=pa.string()),
+    }
+    if scores:
+        srng = np.random.default_rng([seed, 1])  # its own stream: the pictures do not depend on `scores`
+        s0, s1 = [], []
+        for r in rows:
+            win, lose = float(srng.uniform(0.6, 1.0)), float(srng.uniform(0.0, 0.4))
+            a, b = (win, lose) if r[2] == 1.0 else (lose, win) if r[2] == 0.0 else (win, win)
+            s0.append(round(a, 4))
+            s1.append(round(b, 4))
+        columns["score_0"] = pa.array(s0, type=pa.float64())
+        columns["score_1"] = pa.array(s1, type=pa.float64())
+    table = pa.table(columns)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -115,13 +130,13 @@ def write_toy_pairs(path: str | Path, n_pairs: int = 16, size: int = 32, seed: i
 
 
 def resolve_toy_path(spec: str, cache_root: str | Path) -> Path:
-    """Map ``toy:pairs`` (optionally ``toy:pairs?n=32&size=32&seed=0&ties=0``) to a parquet written once
-    under ``cache_root/toy/`` and reused afterwards (the name encodes every parameter)."""
+    """Map ``toy:pairs`` (optionally ``toy:pairs?n=32&size=32&seed=0&ties=0&scores=1``) to a parquet written
+    once under ``cache_root/toy/`` and reused afterwards (the name encodes every parameter)."""
     kind, _, query = spec.partition("?")
     if kind != "toy:pairs":
         raise DataError(f"{spec}: unknown toy dataset {kind!r}; available: 'toy:pairs' "
-                        "(options ?n=16&size=32&seed=0&ties=0).")
-    params = {"n": 16, "size": 32, "seed": 0, "ties": 0}
+                        "(options ?n=16&size=32&seed=0&ties=0&scores=0).")
+    params = {"n": 16, "size": 32, "seed": 0, "ties": 0, "scores": 0}
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in params:
             raise DataError(f"{spec}: unknown toy option {key!r}; options: {', '.join(params)}.")
@@ -129,8 +144,13 @@ def resolve_toy_path(spec: str, cache_root: str | Path) -> Path:
             params[key] = int(value)
         except ValueError:
             raise DataError(f"{spec}: toy option {key} must be an integer, got {value!r}.") from None
+    if params["scores"] not in (0, 1):
+        raise DataError(f"{spec}: toy option scores must be 0 or 1, got {params['scores']}.")
+    suffix = "-scores" if params["scores"] else ""  # files without scores keep their old names
     file = (Path(cache_root) / "toy" /
-            f"pairs-v{_TOY_VERSION}-n{params['n']}-size{params['size']}-seed{params['seed']}-ties{params['ties']}.parquet")
+            f"pairs-v{_TOY_VERSION}-n{params['n']}-size{params['size']}-seed{params['seed']}-ties{params['ties']}"
+            f"{suffix}.parquet")
     if not file.is_file():
-        write_toy_pairs(file, n_pairs=params["n"], size=params["size"], seed=params["seed"], ties=params["ties"])
+        write_toy_pairs(file, n_pairs=params["n"], size=params["size"], seed=params["seed"], ties=params["ties"],
+                        scores=bool(params["scores"]))
     return file

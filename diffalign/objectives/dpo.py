@@ -27,13 +27,21 @@ class PairErrors:
 
     ``t`` is the flow time in [0, 1] (1 = pure noise) for flow models and t/T for DDPM models; only
     the (1-t)² time weighting reads it.
+
+    ``ref_w``/``ref_l`` are None when the objective declared ``needs_reference=False`` (the loop then
+    runs no reference forward at all), and ``policy_l`` is None when it declared ``uses_losers=False``.
+    ``score_w``/``score_l`` are the RAW per-image reward scores from the data (``data.score_column``),
+    oriented with the pair, or None when the data carries none; objectives that read them scale them
+    themselves (see :func:`diffalign.objectives.samples.scaled_scores`).
     """
 
     policy_w: torch.Tensor
-    policy_l: torch.Tensor
-    ref_w: torch.Tensor
-    ref_l: torch.Tensor
+    policy_l: torch.Tensor | None
+    ref_w: torch.Tensor | None
+    ref_l: torch.Tensor | None
     t: torch.Tensor
+    score_w: torch.Tensor | None = None
+    score_l: torch.Tensor | None = None
 
 
 def time_weight(t: torch.Tensor, kind: str) -> torch.Tensor:

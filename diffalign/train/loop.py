@@ -3,8 +3,11 @@
 Per optimizer step (per micro-step when accumulating):
     1. a batch of preference pairs, as latents from the cache or encoded on the fly;
     2. ONE shared (t, ε) per pair, one reference forward over [winners; losers] (2B rows, no grad;
-       LoRA: the same network with adapters disabled) and ONE policy forward over the same rows;
-    3. per-sample mean squared errors -> objective(PairErrors) -> (loss, metrics);
+       LoRA: the same network with adapters disabled) and ONE policy forward over the same rows; an
+       objective that declares needs_reference=False (sft, rwr, mapo) gets no reference forward at all,
+       one with uses_losers=False (sft) only the B winner rows;
+    3. per-sample mean squared errors (+ the pairs' reward scores, when the data carries them)
+       -> objective(PairErrors) -> (loss, metrics);
     4. NaN/inf guard (agreed across ranks), backward, clip, step, EMA, log, checkpoint.
 
 The loop never branches on the model family: that lives in the adapter (diffalign.models).
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffalign.config import RunConfig, config_to_dict, dump_config
+from diffalign.config import ConfigError, RunConfig, config_to_dict, dump_config
 from diffalign.models.base import DTYPES
 from diffalign.objectives import PairErrors, get_objective
 from diffalign.train import checkpoint as ckpt
@@ -85,6 +88,10 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
         self.objective = get_objective(cfg.objective.name)
+        if self.objective.needs_scores and cfg.data.score_column is None:  # before any model is loaded
+            raise ConfigError(f"objective.name={cfg.objective.name} needs a reward score per image: set data.score_column "
+                              "(e.g. data.score_column=score for the world's pairs parquet, which has score_0/score_1 "
+                              "oracle scores; or 'col_a,col_b' for your own columns)")
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -157,6 +164,26 @@ class Trainer:
                                 "ties_dropped": source.counts.ties_dropped, "skipped": len(source.counts.skipped)}
             self.data_source = f"{cfg.data.path} (encoded on the fly)"
         self.skipped_rows: set[int] = set()  # decode failures in skip mode, each row counted once
+        if self.objective.check_scores is not None:
+            self._check_scores()
+
+    def _check_scores(self) -> None:
+        """Run the objective's data check over EVERY pair's scores once, so bad data fails before step 1."""
+        if hasattr(self.dataset, "scores"):  # latent cache
+            found = self.dataset.scores()
+            if found is None:
+                raise ConfigError(f"cache {self.cfg.cache.dir} holds no per-image scores, which objective.name="
+                                  f"{self.cfg.objective.name} needs: rebuild it with data.score_column set")
+            score_w, score_l, rows = found
+        else:
+            records = self.dataset.source.records
+            score_w = torch.tensor([r.score_w for r in records], dtype=torch.float32)
+            score_l = torch.tensor([r.score_l for r in records], dtype=torch.float32)
+            rows = [r.row for r in records]
+        try:
+            self.objective.check_scores(score_w, score_l, rows, self.cfg.objective)
+        except ValueError as e:
+            raise ConfigError(f"{self.data_source}: {e}") from None
 
     def _loader(self, start_micro_step: int):
         acc = self.accelerator
@@ -237,13 +264,17 @@ class Trainer:
                 ref_err = per_sample_mse(ref_pred, target)
         pred = adapter.predict(self.model, x_t, t_all, text, micro)
         err = per_sample_mse(pred, target)
+        # rewards are data: [B] float32 per role, oriented with the pair by the data reader / cache
+        score_w = batch["score_w"].to(dev) if "score_w" in batch else None
+        score_l = batch["score_l"].to(dev) if "score_l" in batch else None
         if self.objective.uses_losers:
-            errors = PairErrors(policy_w=err[:b], policy_l=err[b:], ref_w=ref_err[:b], ref_l=ref_err[b:],
-                                t=adapter.unit_time(t))
+            errors = PairErrors(policy_w=err[:b], policy_l=err[b:],
+                                ref_w=ref_err[:b] if ref_err is not None else None,
+                                ref_l=ref_err[b:] if ref_err is not None else None,
+                                t=adapter.unit_time(t), score_w=score_w, score_l=score_l)
         else:
-            zeros = torch.zeros_like(err)
-            errors = PairErrors(policy_w=err, policy_l=zeros, ref_w=ref_err if ref_err is not None else zeros,
-                                ref_l=zeros, t=adapter.unit_time(t))
+            errors = PairErrors(policy_w=err, policy_l=None, ref_w=ref_err, ref_l=None, t=adapter.unit_time(t),
+                                score_w=score_w, score_l=score_l)
         return self.objective(errors, self.cfg.objective)
 
     # ------------------------------------------------------------------ checkpoints
