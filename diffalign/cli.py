@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 # verbs whose parser and handler live beside their subsystem; each module exposes HELP, configure(parser)
 # and run(args) -> exit code, and keeps heavy imports inside run() so `diffalign --help` stays fast
 PLUGGED_VERBS = {"score": "diffalign.rewards.score_cli", "train-reward": "diffalign.rewards.train_cli",
-                 "sample": "diffalign.samplers.cli", "filter": "diffalign.data.filter_cli"}
+                 "sample": "diffalign.samplers.cli", "filter": "diffalign.data.filter_cli",
+                 "score-reg": "diffalign.train.score_reg_cli"}
 
 
 def _plugged(module: str):

@@ -157,16 +157,20 @@ class FamilyAdapter(ABC):
         return pixels.clamp(0, 1) if clamp else pixels
 
     # ----------------------------------------------------------------- fine-tuning setup
-    def add_lora(self, lora: LoraConfig) -> None:
-        """Attach a peft LoRA adapter named 'default'; B is zero-initialised, so policy == base at step 0."""
+    def add_lora(self, lora: LoraConfig, module: nn.Module | None = None) -> None:
+        """Attach a peft LoRA adapter named 'default'; B is zero-initialised, so policy == base at step 0.
+
+        ``module``: the network to adapt (default: this pipeline's denoiser; score-regularised training
+        also adapts a copy of it, the fake-score network)."""
         from peft import LoraConfig as PeftLoraConfig
 
         cfg = PeftLoraConfig(
             r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
             lora_dropout=lora.dropout, init_lora_weights="gaussian", target_modules=list(lora.target_modules),
         )
-        self.denoiser.add_adapter(cfg)
-        for p in self.denoiser.parameters():  # LoRA weights train in float32 even over a bf16 base
+        module = self.denoiser if module is None else module
+        module.add_adapter(cfg)
+        for p in module.parameters():  # LoRA weights train in float32 even over a bf16 base
             if p.requires_grad:
                 p.data = p.data.float()
 
