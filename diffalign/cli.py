@@ -110,9 +110,21 @@ def _convention_banner(cfg) -> str:
     sft = f"; + {o.sft_weight:g} * err_θ(w)" if o.sft_weight else ""
     scale = (f"S = (score - {o.score_min:g}) / ({o.score_max:g} - {o.score_min:g}) from data.score_column="
              f"{cfg.data.score_column!r}")
+    on = cfg.online
+    online = (f"; ONLINE pairs: {on.num_samples} samples per data prompt ({on.steps} steps, CFG {on.guidance_scale:g}) "
+              f"from the reference (base" + (f", refreshed to the current LoRA every {on.refresh_every} steps" if
+                                            on.refresh_every else "") + f"), w = {on.reward!r}-best, l = worst"
+              if on.enabled else "")
     if o.name == "dpo":
         return (f"objective: DPO ({o.loss_type}), beta={o.beta:g} with inside = -(beta/2)[(err_θ(w)-err_ref(w)) - "
-                f"(err_θ(l)-err_ref(l))], err = per-sample mean squared error; time weighting {tw}" + sft)
+                f"(err_θ(l)-err_ref(l))], err = per-sample mean squared error; time weighting {tw}" + sft + online)
+    if o.name == "seppo":
+        flip = {"sign": "s = +1 if err_ref(w) > err_θ(w) else -1", "indicator": "s = 1 if err_ref(w) > err_θ(w) else 0",
+                "none": "s = 1 (no flipper)"}[o.seppo_flipper]
+        return (f"objective: SePPO, loss = mean -log σ(-(beta/2)[Δ(w) - s Δ(ref_sample)]), Δ = err_θ - err_ref, "
+                f"beta={o.beta:g}, {flip}; winners from the data, ref_sample = a LoRA snapshot's own sample "
+                f"({on.steps} steps, CFG {on.guidance_scale:g}) drawn uniformly from the last {o.seppo_pool_size} "
+                f"snapshots (one every {o.seppo_snapshot_every} steps), which is also the reference")
     if o.name == "gapo":
         return (f"objective: GAPO ({o.loss_type}), loss = mean over pairs of (2^S_w - 2^S_l) * DPO loss(inside), "
                 f"each pair weighted BEFORE the mean; inside = -(beta/2)[(err_θ(w)-err_ref(w)) - (err_θ(l)-err_ref(l))], "

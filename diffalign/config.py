@@ -82,7 +82,7 @@ class CacheConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _f("dpo", "Training objective: dpo (Diffusion-DPO / Flow-DPO) | sft (plain denoising loss on winners) | gapo (DPO, each pair weighted by 2^S_w - 2^S_l) | rwr (Flow-RWR, reward-weighted loss on every image) | kto (Diffusion-KTO, winners desirable, losers undesirable) | mapo (MaPO, reference-free).")
+    name: str = _f("dpo", "Training objective: dpo (Diffusion-DPO / Flow-DPO) | sft (plain denoising loss on winners) | gapo (DPO, each pair weighted by 2^S_w - 2^S_l) | rwr (Flow-RWR, reward-weighted loss on every image) | kto (Diffusion-KTO, winners desirable, losers undesirable) | mapo (MaPO, reference-free) | seppo (SePPO: winners only, the loser is sampled by a past-checkpoint reference drawn from a pool; LoRA only).")
     beta: float = _f(5000.0, "DPO/GAPO beta in the convention inside = -(beta/2)[(err_θ(w)-err_ref(w)) - (err_θ(l)-err_ref(l))], err = per-sample MEAN squared error. SD1.5/SDXL: 5000 (= diffusers' beta_dpo 2500); flow: 100-2000. Diffusion-KTO: the beta of σ(±beta (g - z0)), 1000 in the paper's code.")
     loss_type: str = _f("sigmoid", "sigmoid (-log σ(inside)) | hinge (relu(1 - inside)) | ipo ((inside/beta - 1/(2 beta))^2).")
     time_weighting: str = _f("constant", "Flow DPO beta over time: 'constant' (default, VideoAlign) or 'one_minus_t_sq' (beta (1-t)^2, ablation only: reward-hacks).")
@@ -96,6 +96,21 @@ class ObjectiveConfig:
     mapo_gamma: float = _f(0.5, "mapo: γ of s(err) = γ err / (exp(γ err) - 1) (the official snr_value).")
     mapo_weight: float = _f(0.1, "mapo: weight λ of the margin term, loss = err_θ(w) - λ log σ(scale (s(err_w) - s(err_l))) (the official beta_mapo).")
     mapo_scale: float = _f(1000.0, "mapo: multiplier of the margin inside log σ (the official code uses num_train_timesteps = 1000).")
+    seppo_flipper: str = _f("sign", "seppo: anchor-based flipper s of inside = -(beta/2)[Δ(w) - s Δ(ref_sample)]: 'sign' (s = +1 if err_ref(w) > err_θ(w) else -1, the paper's), 'indicator' (s = 1 or 0: drop the sample term instead of flipping) or 'none' (s = 1 always).")
+    seppo_pool_size: int = _f(7, "seppo: keep the last K LoRA snapshots as the reference pool (paper: 7); the initial weights are the first snapshot.")
+    seppo_snapshot_every: int = _f(30, "seppo: add a LoRA snapshot to the pool every N optimizer steps (paper: 30).")
+
+
+@dataclass
+class OnlineConfig:
+    enabled: bool = _f(False, "Online best-vs-worst pairs (flow_grpo style): per data prompt, sample num_samples latents from the reference, score them with `reward`, and train objective dpo on the reward-best vs reward-worst latents (the data's images are not used). Needs LoRA.")
+    num_samples: int = _f(4, "Online pairs: samples K per prompt (>= 2).")
+    reward: str = _f("oracle", "Online pairs: reward spec for diffalign.rewards.build_reward (e.g. 'oracle' on the world, 'brightness', a trained reward folder). Images are decoded from the sampled latents.")
+    reward_weights: dict | None = _f(None, "Online pairs: per-dimension weights {dim: w} of the scalar reward; null = the 'overall' dimension when the reward has one, else every dimension at 1.")
+    refresh_every: int = _f(0, "Online pairs: every N optimizer steps copy the current LoRA into the frozen reference (it samples AND is the DPO reference); 0 = the reference stays the base model (adapters disabled).")
+    steps: int = _f(10, "Sampling steps for generated latents (online pairs, and SePPO's reference samples).")
+    guidance_scale: float = _f(1.0, "CFG scale when sampling generated latents (1 = off: one forward per step).")
+    scheduler: str = _f("auto", "Sampler for generated latents: auto (ddim for eps/v models, euler for flow) or a diffalign sample scheduler name.")
 
 
 @dataclass
@@ -138,6 +153,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -155,7 +171,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.ties": ("drop", "error"),
     "data.on_error": ("raise", "skip"),
     "cache.dtype": ("float32", "float16", "bfloat16"),
-    "objective.name": ("dpo", "sft", "gapo", "rwr", "kto", "mapo"),
+    "objective.name": ("dpo", "sft", "gapo", "rwr", "kto", "mapo", "seppo"),
+    "objective.seppo_flipper": ("sign", "indicator", "none"),
     "objective.loss_type": ("sigmoid", "hinge", "ipo"),
     "objective.time_weighting": ("constant", "one_minus_t_sq"),
     "optim.optimizer": ("adamw", "adamw8bit"),
@@ -292,6 +309,19 @@ def _validate(cfg: RunConfig) -> None:
             if getattr(o, key) != default:
                 raise ConfigError(f"objective.{key}={getattr(o, key)!r} applies to objective.name=dpo or gapo only, "
                                   f"not {o.name!r}")
+    if o.name == "seppo" or cfg.online.enabled:  # both keep snapshots of / swap LoRA weights
+        what = "objective.name=seppo" if o.name == "seppo" else "online.enabled=true"
+        if not cfg.lora.enabled:
+            raise ConfigError(f"{what} needs lora.enabled=true (reference snapshots are LoRA weights)")
+        if cfg.online.steps < 1:
+            raise ConfigError(f"online.steps must be >= 1, got {cfg.online.steps}")
+    if o.name == "seppo" and (o.seppo_pool_size < 1 or o.seppo_snapshot_every < 1):
+        raise ConfigError("objective.seppo_pool_size and objective.seppo_snapshot_every must be >= 1")
+    if cfg.online.enabled:
+        if o.name != "dpo":
+            raise ConfigError(f"online.enabled=true trains objective.name=dpo on the sampled pairs, not {o.name!r}")
+        if cfg.online.num_samples < 2 or cfg.online.refresh_every < 0:
+            raise ConfigError("online.num_samples must be >= 2 (best vs worst) and online.refresh_every >= 0")
     if cfg.data.score_column is not None and not cfg.data.score_column.strip():
         raise ConfigError("data.score_column is empty: give a base name like 'score' or two columns 'a,b', or null")
 

@@ -11,6 +11,7 @@ Adding an objective = one function + one entry in :data:`OBJECTIVES`.
     rwr    yes     no         yes      Flow-RWR: reward-weighted loss on winners AND losers as images (rwr.py)
     kto    yes     yes        no       Diffusion-KTO: winners desirable, losers undesirable, unpaired (kto.py)
     mapo   yes     no         no       MaPO: reference-free margin + SFT on winners (mapo.py)
+    seppo  sampled yes        no       SePPO: data winners vs a pooled past checkpoint's own sample (seppo.py)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from diffalign.objectives.gapo import check_gapo_scores, gapo_loss
 from diffalign.objectives.kto import kto_loss
 from diffalign.objectives.mapo import mapo_loss
 from diffalign.objectives.rwr import rwr_loss, rwr_weights
+from diffalign.objectives.seppo import seppo_flip, seppo_loss
 from diffalign.objectives.samples import SampleErrors, pairs_as_samples, scaled_scores
 from diffalign.objectives.sft import sft_loss
 
@@ -43,6 +45,9 @@ class Objective:
     fn: Callable[[PairErrors, "object"], tuple[torch.Tensor, dict[str, float]]]
     needs_scores: bool = False
     check_scores: Callable[[torch.Tensor, torch.Tensor, list[int], "object"], None] | None = None
+    # the loser slot is filled by the training loop's sampler (diffalign.train.online), not read from the data;
+    # the reference is then whatever that component loads (a pooled LoRA snapshot for SePPO)
+    generates_losers: bool = False
 
     def __call__(self, errors: PairErrors, cfg) -> tuple[torch.Tensor, dict[str, float]]:
         return self.fn(errors, cfg)
@@ -75,6 +80,10 @@ OBJECTIVES: dict[str, Objective] = {
         "mapo", uses_losers=True, needs_reference=False,
         fn=lambda e, c: mapo_loss(e, c.mapo_gamma, c.mapo_weight, c.mapo_scale),
     ),
+    "seppo": Objective(
+        "seppo", uses_losers=True, needs_reference=True, generates_losers=True,
+        fn=lambda e, c: seppo_loss(e, c.beta, c.seppo_flipper),
+    ),
 }
 
 
@@ -87,4 +96,4 @@ def get_objective(name: str) -> Objective:
 
 __all__ = ["Objective", "OBJECTIVES", "PairErrors", "SampleErrors", "dpo_loss", "gapo_loss", "get_objective",
            "implicit_accuracy", "kto_loss", "mapo_loss", "pairs_as_samples", "rwr_loss", "rwr_weights",
-           "scaled_scores", "sft_loss"]
+           "scaled_scores", "seppo_flip", "seppo_loss", "sft_loss"]

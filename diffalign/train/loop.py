@@ -1,7 +1,9 @@
 """The one latent training loop every objective plugs into.
 
 Per optimizer step (per micro-step when accumulating):
-    1. a batch of preference pairs, as latents from the cache or encoded on the fly;
+    1. a batch of preference pairs, as latents from the cache or encoded on the fly; with a pair provider
+       (diffalign.train.online: SePPO, online best-vs-worst pairs) sampled latents replace the loser (or
+       both images) and the provider's weights (a LoRA snapshot) are the reference;
     2. ONE shared (t, ε) per pair, one reference forward over [winners; losers] (2B rows, no grad;
        LoRA: the same network with adapters disabled) and ONE policy forward over the same rows; an
        objective that declares needs_reference=False (sft, rwr, mapo) gets no reference forward at all,
@@ -130,6 +132,10 @@ class Trainer:
 
         self.step = 0
         self.resumed_from = self._maybe_resume()
+        from diffalign.train.online import build_provider
+
+        # SePPO / online pairs: latents sampled during training fill the pairs (None = pairs from the data)
+        self.pair_provider = build_provider(self)
 
     def _weight_dtype(self) -> torch.dtype:
         choice = self.cfg.model.weight_dtype
@@ -225,7 +231,8 @@ class Trainer:
             if p > 0:
                 drop = torch.rand(len(captions), generator=gen) < p
                 captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            uses_l = self.objective.uses_losers
+            # a pair provider samples the losers itself: do not VAE-encode the data's
+            uses_l = self.objective.uses_losers and getattr(self, "pair_provider", None) is None
             pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]) if uses_l else batch["pixels_w"]
             latents = self.adapter.encode_images(pixels.to(dev))
             n = batch["pixels_w"].shape[0]
@@ -238,6 +245,10 @@ class Trainer:
     def compute_loss(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         adapter, dev = self.adapter, self.accelerator.device
         x0_w, x0_l, text, micro_w, micro_l = self.model_inputs(batch, gen)
+        provider, provided = getattr(self, "pair_provider", None), {}
+        if provider is not None:  # sampled latents replace the data's loser (SePPO) or both images (online pairs)
+            captions = list(batch["caption"]) if "caption" in batch else None
+            x0_w, x0_l, provided = provider.pairs(self, x0_w, text, captions, gen)
         b = x0_w.shape[0]
         t = adapter.sample_timesteps(b, gen)
         eps = torch.randn(x0_w.shape, generator=gen).to(dev)
@@ -259,7 +270,8 @@ class Trainer:
                     ref_pred = adapter.predict(self.reference, x_t, t_all, text, micro)
                 else:
                     unwrapped = self.accelerator.unwrap_model(self.model)
-                    with adapters_disabled(unwrapped):
+                    # the provider's reference (a LoRA snapshot) or the base model (adapters disabled)
+                    with provider.reference(unwrapped) if provider is not None else adapters_disabled(unwrapped):
                         ref_pred = adapter.predict(unwrapped, x_t, t_all, text, micro)
                 ref_err = per_sample_mse(ref_pred, target)
         pred = adapter.predict(self.model, x_t, t_all, text, micro)
@@ -275,7 +287,8 @@ class Trainer:
         else:
             errors = PairErrors(policy_w=err, policy_l=None, ref_w=ref_err, ref_l=None, t=adapter.unit_time(t),
                                 score_w=score_w, score_l=score_l)
-        return self.objective(errors, self.cfg.objective)
+        loss, metrics = self.objective(errors, self.cfg.objective)
+        return loss, {**metrics, **provided}
 
     # ------------------------------------------------------------------ checkpoints
     def _trainable_state(self) -> dict[str, torch.Tensor]:
@@ -435,6 +448,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema.step(self.trainable)
             self.step += 1
+            if self.pair_provider is not None:  # SePPO pool snapshot / online reference refresh
+                self.pair_provider.after_step(self.step)
 
             step_metrics["grad_norm"] = grad_norm
             step_metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
