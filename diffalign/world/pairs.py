@@ -4,6 +4,12 @@
 with the oracle, and pair the oracle-best against the oracle-worst. Written in the Pick-a-Pic format
 (jpg_0, jpg_1 as PNG bytes, label_0, caption) plus the oracle scores of both images, so it flows
 through the normal data and cache path.
+
+Reward-model training needs per-dimension preferences, which best-vs-worst by ``overall`` alone
+under-samples (the two images of such a pair mostly differ on whichever dimension fails most), so
+``make_pairs(..., pairing="all")`` keeps every within-prompt pair instead, and :func:`render_pairs` /
+:func:`make_render_pairs` build pairs from renders of the prompt's scene with randomly changed
+attributes (every dimension varies, independently). Both write the same columns.
 """
 from __future__ import annotations
 
@@ -40,17 +46,80 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_pairs(pipe, captions: list[str], out_path: str | Path, *, k: int = 8, seed: int = 0, steps: int = 20,
-               guidance_scale: float = 3.0, min_gap: float = 0.0, show_progress: bool = True) -> dict:
-    """Sample k images per caption, pair oracle-best vs oracle-worst, write a Pick-a-Pic parquet.
+PAIRINGS: tuple[str, ...] = ("best-worst", "all", "random")
 
-    Pairs whose best-worst overall gap is below ``min_gap`` are left out (no real preference).
-    Returns counts and mean scores.
+
+def _select_pairs(overall: np.ndarray, pairing: str, min_gap: float, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """(caption index, sample index in slot 0, sample index in slot 1) for each kept pair.
+
+    ``overall`` is [captions, k]. Slots are shuffled so neither slot is biased towards the better image.
     """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing={pairing!r} is not one of {PAIRINGS}")
+    out = []
+    for i in range(overall.shape[0]):
+        if pairing == "best-worst":
+            best, worst = int(overall[i].argmax()), int(overall[i].argmin())
+            if overall[i, best] - overall[i, worst] < min_gap or best == worst:
+                continue
+            candidates = [(best, worst)]
+        elif pairing == "all":
+            k = overall.shape[1]
+            candidates = [(a, b) for a in range(k) for b in range(a + 1, k)]
+        else:
+            candidates = [tuple(int(j) for j in rng.choice(overall.shape[1], size=2, replace=False))]
+        for a, b in candidates:
+            if pairing != "best-worst" and abs(overall[i, a] - overall[i, b]) < min_gap:
+                continue
+            out.append((i, a, b) if rng.random() < 0.5 else (i, b, a))
+    return out
+
+
+def _pair_table(images: np.ndarray, scores: dict[str, np.ndarray], captions: list[str],
+                pairs: list[tuple[int, int, int]]) -> dict[str, list]:
+    """Pick-a-Pic columns (+ per-dimension oracle scores ``{dim}_0``/``{dim}_1``) for flat image indices.
+
+    ``pairs`` holds (caption index, flat index of slot 0, flat index of slot 1); label_0 is 1 when slot 0
+    has the higher overall score, 0 when slot 1 has, 0.5 on an exact tie.
+    """
+    from diffalign.world.oracle import DIMENSIONS
+
+    rows: dict[str, list] = {"jpg_0": [], "jpg_1": [], "label_0": [], "caption": [], "score_0": [], "score_1": []}
+    for d in DIMENSIONS:
+        rows[f"{d}_0"], rows[f"{d}_1"] = [], []
+    for i, f0, f1 in pairs:
+        for slot, flat in enumerate((f0, f1)):
+            rows[f"jpg_{slot}"].append(png_bytes(images[flat]))
+            rows[f"score_{slot}"].append(float(scores["overall"][flat]))
+            for d in DIMENSIONS:
+                rows[f"{d}_{slot}"].append(float(scores[d][flat]))
+        s0, s1 = float(scores["overall"][f0]), float(scores["overall"][f1])
+        rows["label_0"].append(1.0 if s0 > s1 else 0.0 if s0 < s1 else 0.5)
+        rows["caption"].append(captions[i])
+    return rows
+
+
+def _write_table(rows: dict[str, list], out_path: str | Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from diffalign.world.oracle import DIMENSIONS, score
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), out_path)
+    return out_path
+
+
+def make_pairs(pipe, captions: list[str], out_path: str | Path, *, k: int = 8, seed: int = 0, steps: int = 20,
+               guidance_scale: float = 3.0, min_gap: float = 0.0, show_progress: bool = True,
+               pairing: str = "best-worst") -> dict:
+    """Sample k images per caption, pair them, write a Pick-a-Pic parquet with per-dimension oracle scores.
+
+    ``pairing``: "best-worst" (default; oracle-best vs oracle-worst by overall, one pair per caption),
+    "all" (every one of the k(k-1)/2 within-caption pairs: per-dimension preferences for reward-model
+    training) or "random" (one random within-caption pair). Pairs whose overall gap is below
+    ``min_gap`` are left out (no real preference). Returns counts and mean scores.
+    """
+    from diffalign.world.oracle import score
 
     all_caps = [c for c in captions for _ in range(k)]
     seeds = [seed * 1_000_003 + i for i in range(len(all_caps))]
@@ -58,27 +127,65 @@ def make_pairs(pipe, captions: list[str], out_path: str | Path, *, k: int = 8, s
     scores = score(images, all_caps)
     overall = scores["overall"].reshape(len(captions), k)
     rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {"jpg_0": [], "jpg_1": [], "label_0": [], "caption": [], "score_0": [], "score_1": []}
-    for d in DIMENSIONS:
-        rows[f"{d}_0"], rows[f"{d}_1"] = [], []
-    kept = 0
-    for i, cap in enumerate(captions):
-        best, worst = int(overall[i].argmax()), int(overall[i].argmin())
-        if overall[i, best] - overall[i, worst] < min_gap or best == worst:
-            continue
-        order = (best, worst) if rng.random() < 0.5 else (worst, best)
-        for slot, j in enumerate(order):
-            flat = i * k + j
-            rows[f"jpg_{slot}"].append(png_bytes(images[flat]))
-            rows[f"score_{slot}"].append(float(scores["overall"][flat]))
-            for d in DIMENSIONS:
-                rows[f"{d}_{slot}"].append(float(scores[d][flat]))
-        rows["label_0"].append(1.0 if order[0] == best else 0.0)
-        rows["caption"].append(cap)
-        kept += 1
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(rows), out_path)
-    return {"prompts": len(captions), "pairs": kept, "samples_per_prompt": k,
+    pairs = [(i, i * k + a, i * k + b) for i, a, b in _select_pairs(overall, pairing, min_gap, rng)]
+    _write_table(_pair_table(images, scores, captions, pairs), out_path)
+    return {"prompts": len(captions), "pairs": len(pairs), "samples_per_prompt": k, "pairing": pairing,
             "mean_overall": float(scores["overall"].mean()),
             "mean_best": float(overall.max(1).mean()), "mean_worst": float(overall.min(1).mean())}
+
+
+def render_variants(scenes: list, rng: np.random.Generator, *, change_prob: float = 0.35, jitter: float = 0.04,
+                    noise_std: float = 12.0, size: int = 32) -> np.ndarray:
+    """uint8 [N, size, size, 3]: each scene rendered with every attribute (shape, colour, size, position,
+    background) independently replaced by a different random value with probability ``change_prob``,
+    placement jitter up to ``jitter`` and Gaussian pixel noise of a per-image std drawn from
+    [0, ``noise_std``] (0-255 units). Scored against the ORIGINAL scene's caption, a changed attribute
+    lowers exactly its oracle dimension (layout for size and position)."""
+    from diffalign.world.render import render_batch_rng
+    from diffalign.world.scenes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene
+
+    vocab = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES, "position": POSITIONS,
+             "background": tuple(BACKGROUNDS)}
+    changed = []
+    for s in scenes:
+        attrs = {f: getattr(s, f) for f in vocab}
+        for f, values in vocab.items():
+            if rng.random() < change_prob:
+                others = [v for v in values if v != attrs[f]]
+                attrs[f] = others[int(rng.integers(len(others)))]
+        changed.append(Scene(**attrs))
+    images = render_batch_rng(changed, size, jitter, rng).astype(np.float64)
+    sigma = rng.uniform(0.0, noise_std, size=(len(scenes), 1, 1, 1))
+    images = images + sigma * rng.standard_normal(images.shape)
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+
+
+def render_pairs(captions: list[str], *, per_caption: int = 4, seed: int = 0, change_prob: float = 0.35,
+                 jitter: float = 0.04, noise_std: float = 12.0, size: int = 32) -> dict:
+    """In-memory render pairs: ``per_caption`` pairs per caption, two independent :func:`render_variants`.
+
+    Returns {"images_0", "images_1": uint8 [N, size, size, 3], "captions": list[str] (N),
+    "scores_0", "scores_1": {dimension or "overall": float64 [N]}} with oracle scores against each caption.
+    Deterministic from ``seed``.
+    """
+    from diffalign.world.oracle import score
+    from diffalign.world.scenes import parse_caption
+
+    rng = np.random.default_rng(seed)
+    caps = [c for c in captions for _ in range(per_caption)]
+    scenes = [parse_caption(c) for c in caps]
+    kw = dict(change_prob=change_prob, jitter=jitter, noise_std=noise_std, size=size)
+    images_0 = render_variants(scenes, rng, **kw)
+    images_1 = render_variants(scenes, rng, **kw)
+    return {"images_0": images_0, "images_1": images_1, "captions": caps,
+            "scores_0": score(images_0, caps), "scores_1": score(images_1, caps)}
+
+
+def make_render_pairs(captions: list[str], out_path: str | Path, **kw) -> dict:
+    """:func:`render_pairs` written as a Pick-a-Pic parquet with the same columns as :func:`make_pairs`."""
+    pairs = render_pairs(captions, **kw)
+    n = len(pairs["captions"])
+    images = np.concatenate([pairs["images_0"], pairs["images_1"]])
+    scores = {k: np.concatenate([pairs["scores_0"][k], pairs["scores_1"][k]]) for k in pairs["scores_0"]}
+    _write_table(_pair_table(images, scores, pairs["captions"], [(i, i, n + i) for i in range(n)]), out_path)
+    return {"prompts": len(captions), "pairs": n}
