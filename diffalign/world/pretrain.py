@@ -170,6 +170,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
     return record
 
 
+def _vae_steps(record: dict) -> str:
+    """The VAE's training steps: a continued run keeps the VAE of its first stage."""
+    while record.get("continued_from") is not None:
+        record = record["continued_from"]
+    return str(record["config"]["vae_steps"])
+
+
 def _continuation_note(record: dict) -> str:
     """Card lines for a continued run: the earlier stage(s), oldest first, so the chain is reproducible."""
     stages, prev = [], record.get("continued_from")
@@ -203,7 +210,7 @@ scene's caption, so preference alignment has room to show.
 
     diffalign world pretrain --kind {cfg['kind']} {flags} --out <folder>
 
-- VAE: {cfg['vae_steps']} steps (reconstruction MSE {record['vae']['vae_mse']:.4f}); scaling factor {record['vae']['scaling_factor']:.4f} = 1/std of the latents.
+- VAE: {_vae_steps(record)} steps (reconstruction MSE {record['vae']['vae_mse']:.4f}); scaling factor {record['vae']['scaling_factor']:.4f} = 1/std of the latents.
 - Denoiser + text encoder(s): {cfg['steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']}, prompt dropout {cfg['prompt_dropout']},
   on a pool of {cfg['pool']} jittered renders of training-split scenes (held-out scenes never seen).
 - Final training loss (mean of the last 100 steps): {record['final_loss_mean_last_100']:.4f}.{_continuation_note(record)}
