@@ -19,6 +19,8 @@ import torch
 BUNDLED = Path(__file__).parent / "bundled"
 RECIPES = {"unet": "world-unet-dpo", "flow": "world-flow-dpo"}
 FULL = {"train_prompts": 192, "k": 6, "heldout_seeds": 2, "sample_steps": 15}
+# per-family settings measured in BENCHMARKS.md: the continued UNet gained most from twice the pairs
+FULL_BY_FAMILY = {"unet": {"train_prompts": 384}, "flow": {}}
 QUICK = {"train_prompts": 12, "k": 4, "heldout_seeds": 1, "max_steps": 4, "heldout_prompts": 8, "sample_steps": 6,
          "batch_size": 4}
 
@@ -104,7 +106,7 @@ def run_demo(kind: str = "unet", out_dir: str | Path = "runs/demo", *, quick: bo
     from diffalign.world.pairs import generate, make_pairs
     from diffalign.world.scenes import UNSEEN_COMBOS, prompt_splits
 
-    plan = dict(FULL, **(QUICK if quick else {}))
+    plan = {**FULL, **FULL_BY_FAMILY[kind], **(QUICK if quick else {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
