@@ -59,8 +59,13 @@ def build_reward(spec: str, device: torch.device | str = "cpu") -> Reward:
     device = torch.device(device)
     path = Path(spec)
     if path.is_dir() and (path / "reward_config.json").is_file():
-        from diffalign.rewards.trained import load_trained_reward
-
+        try:
+            from diffalign.rewards.trained import load_trained_reward
+        except ModuleNotFoundError as e:
+            if e.name != "diffalign.rewards.trained":
+                raise
+            raise RewardError(f"{path} is a train-reward folder, but this diffalign has no trained-reward loader "
+                              "(diffalign.rewards.trained) yet") from None
         return load_trained_reward(path, device)
     name, _, checkpoint = spec.partition(":")
     entries = available()
