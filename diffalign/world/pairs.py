@@ -134,36 +134,63 @@ def make_pairs(pipe, captions: list[str], out_path: str | Path, *, k: int = 8, s
             "mean_best": float(overall.max(1).mean()), "mean_worst": float(overall.min(1).mean())}
 
 
-def render_variants(scenes: list, rng: np.random.Generator, *, change_prob: float = 0.35, jitter: float = 0.04,
-                    noise_std: float = 12.0, size: int = 32) -> np.ndarray:
-    """uint8 [N, size, size, 3]: each scene rendered with every attribute (shape, colour, size, position,
-    background) independently replaced by a different random value with probability ``change_prob``,
-    placement jitter up to ``jitter`` and Gaussian pixel noise of a per-image std drawn from
-    [0, ``noise_std``] (0-255 units). Scored against the ORIGINAL scene's caption, a changed attribute
-    lowers exactly its oracle dimension (layout for size and position)."""
-    from diffalign.world.render import render_batch_rng
-    from diffalign.world.scenes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene
+_ATTRIBUTES = ("shape", "color", "size", "position", "background")
 
-    vocab = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES, "position": POSITIONS,
-             "background": tuple(BACKGROUNDS)}
-    changed = []
-    for s in scenes:
-        attrs = {f: getattr(s, f) for f in vocab}
-        for f, values in vocab.items():
-            if rng.random() < change_prob:
-                others = [v for v in values if v != attrs[f]]
-                attrs[f] = others[int(rng.integers(len(others)))]
-        changed.append(Scene(**attrs))
-    images = render_batch_rng(changed, size, jitter, rng).astype(np.float64)
+
+def _vocab() -> dict[str, tuple[str, ...]]:
+    from diffalign.world.scenes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+
+    return {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES, "position": POSITIONS,
+            "background": tuple(BACKGROUNDS)}
+
+
+def _change(scene, attributes: list[str], rng: np.random.Generator):
+    """``scene`` with each named attribute replaced by a different random value."""
+    from diffalign.world.scenes import Scene
+
+    vocab = _vocab()
+    attrs = {f: getattr(scene, f) for f in _ATTRIBUTES}
+    for f in attributes:
+        others = [v for v in vocab[f] if v != attrs[f]]
+        attrs[f] = others[int(rng.integers(len(others)))]
+    return Scene(**attrs)
+
+
+def perturb_scenes(scenes: list, rng: np.random.Generator, change_prob: float = 0.35) -> list:
+    """Each scene with every attribute (shape, colour, size, position, background) independently replaced by
+    a different random value with probability ``change_prob``."""
+    return [_change(s, [f for f in _ATTRIBUTES if rng.random() < change_prob], rng) for s in scenes]
+
+
+def render_scenes_noisy(scenes: list, rng: np.random.Generator, *, jitter: float = 0.04, noise_std: float = 12.0,
+                        size: int = 32) -> np.ndarray:
+    """uint8 [N, size, size, 3]: renders with placement jitter up to ``jitter`` and Gaussian pixel noise of a
+    per-image std drawn from [0, ``noise_std``] (0-255 units)."""
+    from diffalign.world.render import render_batch_rng
+
+    images = render_batch_rng(scenes, size, jitter, rng).astype(np.float64)
     sigma = rng.uniform(0.0, noise_std, size=(len(scenes), 1, 1, 1))
     images = images + sigma * rng.standard_normal(images.shape)
     return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
-def render_pairs(captions: list[str], *, per_caption: int = 4, seed: int = 0, change_prob: float = 0.35,
-                 jitter: float = 0.04, noise_std: float = 12.0, size: int = 32) -> dict:
-    """In-memory render pairs: ``per_caption`` pairs per caption, two independent :func:`render_variants`.
+def render_variants(scenes: list, rng: np.random.Generator, *, change_prob: float = 0.35, jitter: float = 0.04,
+                    noise_std: float = 12.0, size: int = 32) -> np.ndarray:
+    """uint8 [N, size, size, 3]: :func:`perturb_scenes` rendered by :func:`render_scenes_noisy`. Scored against
+    the ORIGINAL scene's caption, a changed attribute lowers exactly its oracle dimension (layout for size
+    and position)."""
+    return render_scenes_noisy(perturb_scenes(scenes, rng, change_prob), rng, jitter=jitter, noise_std=noise_std,
+                               size=size)
 
+
+def render_pairs(captions: list[str], *, per_caption: int = 4, seed: int = 0, change_prob: float = 0.35,
+                 jitter: float = 0.04, noise_std: float = 12.0, size: int = 32, minimal: float = 0.0) -> dict:
+    """In-memory render pairs: ``per_caption`` pairs per caption.
+
+    Image 0 renders the caption's scene perturbed by :func:`perturb_scenes`. Image 1 is, for a fraction
+    ``minimal`` of the pairs, a MINIMAL pair: image 0's scene with exactly one more attribute changed
+    (independent jitter and noise), so the pair differs in one dimension only, a contrast that tells a
+    reward model which dimension a preference is about; otherwise an independent perturbation.
     Returns {"images_0", "images_1": uint8 [N, size, size, 3], "captions": list[str] (N),
     "scores_0", "scores_1": {dimension or "overall": float64 [N]}} with oracle scores against each caption.
     Deterministic from ``seed``.
@@ -171,12 +198,19 @@ def render_pairs(captions: list[str], *, per_caption: int = 4, seed: int = 0, ch
     from diffalign.world.oracle import score
     from diffalign.world.scenes import parse_caption
 
+    if not 0.0 <= minimal <= 1.0:
+        raise ValueError(f"minimal must lie in [0, 1], got {minimal}")
     rng = np.random.default_rng(seed)
     caps = [c for c in captions for _ in range(per_caption)]
     scenes = [parse_caption(c) for c in caps]
-    kw = dict(change_prob=change_prob, jitter=jitter, noise_std=noise_std, size=size)
-    images_0 = render_variants(scenes, rng, **kw)
-    images_1 = render_variants(scenes, rng, **kw)
+    first = perturb_scenes(scenes, rng, change_prob)
+    independent = perturb_scenes(scenes, rng, change_prob)
+    is_minimal = rng.random(len(scenes)) < minimal
+    second = [_change(a, [_ATTRIBUTES[int(rng.integers(len(_ATTRIBUTES)))]], rng) if m else b
+              for a, b, m in zip(first, independent, is_minimal)]
+    kw = dict(jitter=jitter, noise_std=noise_std, size=size)
+    images_0 = render_scenes_noisy(first, rng, **kw)
+    images_1 = render_scenes_noisy(second, rng, **kw)
     return {"images_0": images_0, "images_1": images_1, "captions": caps,
             "scores_0": score(images_0, caps), "scores_1": score(images_1, caps)}
 
