@@ -17,9 +17,11 @@ Sources (``data.path`` / ``data.val_path`` of the train-reward config; a list co
   ``make_render_pairs`` write it): Pick-a-Pic columns plus per-dimension oracle scores ``{dim}_0``,
   ``{dim}_1``; a dimension's label is A/B when the two scores differ by MORE than ``tie_margin``,
   else a tie.
-* ``world:renders?split=train&per_caption=4&seed=0&change_prob=0.35&noise=12&jitter=0.04&minimal=0`` renders
-  pairs of the embedded world in memory (``diffalign.world.pairs.render_pairs``; ``minimal`` = fraction of
-  pairs that differ in exactly one attribute), labelled like the parquet.
+* ``world:renders?split=train&per_caption=4&seed=0&change_prob=0.35&noise=12&jitter=0.04&minimal=0&blur=0&warp=0``
+  renders pairs of the embedded world in memory (``diffalign.world.pairs.render_pairs``; ``minimal`` = fraction
+  of pairs that differ in exactly one attribute; ``blur`` = max per-image Gaussian blur std in pixels; ``warp`` = max RMS of a smooth random
+  displacement field in pixels, for generator-like irregular shapes),
+  labelled like the parquet.
 * ``world:samples?model=world:flow&split=train&prompts=192&k=4&seed=0&steps=15`` samples a world
   generator and keeps every within-prompt pair (``make_pairs(pairing="all")``); the parquet is cached
   under ``$DIFFALIGN_HOME/world-pairs`` (sampling on a CPU takes minutes).
@@ -330,11 +332,13 @@ def world_render_source(spec: str, dimensions: Sequence[str], tie_margin: float)
     from diffalign.world.pairs import render_pairs
 
     opts = _parse_query(spec, {"split": str, "per_caption": int, "seed": int, "prompts": int, "change_prob": float,
-                               "noise": float, "jitter": float, "minimal": float})
+                               "noise": float, "jitter": float, "minimal": float, "blur": float,
+                               "warp": float})
     caps = _world_captions(opts.get("split", "train"), opts.get("prompts"), opts.get("seed", 0))
     r = render_pairs(caps, per_caption=opts.get("per_caption", 4), seed=opts.get("seed", 0),
                      change_prob=opts.get("change_prob", 0.35), jitter=opts.get("jitter", 0.04),
-                     noise_std=opts.get("noise", 12.0), minimal=opts.get("minimal", 0.0))
+                     noise_std=opts.get("noise", 12.0), minimal=opts.get("minimal", 0.0),
+                     blur=opts.get("blur", 0.0), warp=opts.get("warp", 0.0))
     group = f"renders-{opts.get('split', 'train')}"
     return _drop_unlabelled(world_pairs_from_scores(r["images_0"], r["images_1"], r["captions"], r["scores_0"],
                                                     r["scores_1"], dimensions, tie_margin, source=spec, group=group))

@@ -133,6 +133,29 @@ def test_render_pairs_vary_every_dimension():
         load_labelled_pairs("world:renders?colour=1", WORLD_DIMS)
 
 
+def test_blur_and_warp_are_exact_at_zero_and_lower_the_shape_score():
+    import numpy as np
+
+    from diffalign.world.pairs import elastic_warp, gaussian_blur, render_pairs
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (3, 12, 12, 3))
+    assert np.allclose(gaussian_blur(x, np.zeros(3)), x)
+    blurred = gaussian_blur(x, np.array([0.0, 1.0, 2.0]))
+    assert np.allclose(blurred[0], x[0]) and blurred[2].std() < blurred[1].std() < x[1].std()
+    assert np.allclose(gaussian_blur(np.full((1, 9, 9, 3), 77.0), np.array([1.5])), 77.0)  # constants stay
+    assert np.allclose(elastic_warp(x, np.zeros(3), rng), x)                                 # zero field: identity
+    assert np.allclose(elastic_warp(np.full((2, 9, 9, 3), 5.0), np.array([3.0, 1.0]), rng), 5.0)
+    caps = ["a large red square at the top left on a white background"] * 40
+    plain = render_pairs(caps, per_caption=1, seed=3, change_prob=0.0)
+    again = render_pairs(caps, per_caption=1, seed=3, change_prob=0.0, blur=0.0, warp=0.0)
+    assert np.array_equal(plain["images_0"], again["images_0"])  # the options draw nothing when off
+    warped = render_pairs(caps, per_caption=1, seed=3, change_prob=0.0, warp=4.0)
+    # bent squares explain worse as squares; colour and background are untouched by geometry
+    assert warped["scores_0"]["shape"].mean() < plain["scores_0"]["shape"].mean() - 0.1
+    assert abs(warped["scores_0"]["background"].mean() - plain["scores_0"]["background"].mean()) < 0.02
+
+
 # ------------------------------------------------------------------------------------------- models
 
 def _build(kind: str, *overrides: str):

@@ -162,13 +162,66 @@ def perturb_scenes(scenes: list, rng: np.random.Generator, change_prob: float = 
     return [_change(s, [f for f in _ATTRIBUTES if rng.random() < change_prob], rng) for s in scenes]
 
 
+def gaussian_blur(images: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """float [N, H, W, C] blurred per image with a Gaussian of std ``sigmas[i]`` pixels (0 = unchanged),
+    separable, reflect padding, kernel radius ceil(3 sigma_max)."""
+    import torch
+    import torch.nn.functional as F
+
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    radius = int(np.ceil(3.0 * sigmas.max())) if len(sigmas) else 0
+    if radius == 0:
+        return images
+    n, h, w, c = images.shape
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    safe = np.maximum(sigmas, 1e-6)[:, None]
+    kernel = np.exp(-0.5 * (offsets[None] / safe) ** 2)
+    kernel[sigmas == 0] = (offsets == 0).astype(np.float64)   # sigma 0: the identity kernel
+    kernel /= kernel.sum(1, keepdims=True)
+    k = torch.from_numpy(np.repeat(kernel, c, axis=0))                       # [N*C, K]
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).reshape(1, n * c, h, w)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k[:, None, None, :], groups=n * c)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k[:, None, :, None], groups=n * c)
+    return x.reshape(n, c, h, w).permute(0, 2, 3, 1).numpy()
+
+
+def elastic_warp(images: np.ndarray, amplitudes: np.ndarray, rng: np.random.Generator, grid: int = 4) -> np.ndarray:
+    """float [N, H, W, C] resampled through a smooth random displacement field per image: a ``grid`` x ``grid``
+    field of Gaussian offsets, bicubically upsampled, of RMS ``amplitudes[i]`` pixels (0 = unchanged).
+    Bilinear sampling, border padding (the background extends)."""
+    import torch
+    import torch.nn.functional as F
+
+    n, h, w, c = images.shape
+    coarse = torch.from_numpy(rng.standard_normal((n, 2, grid, grid)))
+    field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)
+    field = field / field.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp(min=1e-8)
+    field = field * torch.from_numpy(np.asarray(amplitudes, dtype=np.float64)).view(n, 1, 1, 1)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h, dtype=torch.float64), torch.linspace(-1, 1, w, dtype=torch.float64),
+                            indexing="ij")
+    # pixels -> normalised coordinates (align_corners=True: 2 / (size - 1) per pixel)
+    gx = xs[None] + field[:, 0] * 2.0 / (w - 1)
+    gy = ys[None] + field[:, 1] * 2.0 / (h - 1)
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    out = F.grid_sample(x, torch.stack([gx, gy], dim=-1), mode="bilinear", padding_mode="border", align_corners=True)
+    return out.permute(0, 2, 3, 1).numpy()
+
+
 def render_scenes_noisy(scenes: list, rng: np.random.Generator, *, jitter: float = 0.04, noise_std: float = 12.0,
-                        size: int = 32) -> np.ndarray:
-    """uint8 [N, size, size, 3]: renders with placement jitter up to ``jitter`` and Gaussian pixel noise of a
-    per-image std drawn from [0, ``noise_std``] (0-255 units)."""
+                        size: int = 32, blur: float = 0.0, warp: float = 0.0) -> np.ndarray:
+    """uint8 [N, size, size, 3]: renders with placement jitter up to ``jitter``, a Gaussian blur of a per-image
+    std drawn from [0, ``blur``] pixels (generator samples are soft; crisp renders alone teach a reward model
+    a shape sense that does not transfer to them) and Gaussian pixel noise of a per-image std drawn from
+    [0, ``noise_std``] (0-255 units). ``warp`` > 0 first bends each render through a smooth random displacement
+    field of RMS drawn from [0, ``warp``] pixels (:func:`elastic_warp`), giving the irregular blobs generators
+    draw, which the oracle then scores. ``blur = warp = 0`` draw nothing from ``rng`` (older seeds reproduce)."""
     from diffalign.world.render import render_batch_rng
 
     images = render_batch_rng(scenes, size, jitter, rng).astype(np.float64)
+    if warp > 0:
+        images = elastic_warp(images, rng.uniform(0.0, warp, size=len(scenes)), rng)
+    if blur > 0:
+        images = gaussian_blur(images, rng.uniform(0.0, blur, size=len(scenes)))
     sigma = rng.uniform(0.0, noise_std, size=(len(scenes), 1, 1, 1))
     images = images + sigma * rng.standard_normal(images.shape)
     return np.clip(np.rint(images), 0, 255).astype(np.uint8)
@@ -184,7 +237,8 @@ def render_variants(scenes: list, rng: np.random.Generator, *, change_prob: floa
 
 
 def render_pairs(captions: list[str], *, per_caption: int = 4, seed: int = 0, change_prob: float = 0.35,
-                 jitter: float = 0.04, noise_std: float = 12.0, size: int = 32, minimal: float = 0.0) -> dict:
+                 jitter: float = 0.04, noise_std: float = 12.0, size: int = 32, minimal: float = 0.0,
+                 blur: float = 0.0, warp: float = 0.0) -> dict:
     """In-memory render pairs: ``per_caption`` pairs per caption.
 
     Image 0 renders the caption's scene perturbed by :func:`perturb_scenes`. Image 1 is, for a fraction
@@ -208,7 +262,7 @@ def render_pairs(captions: list[str], *, per_caption: int = 4, seed: int = 0, ch
     is_minimal = rng.random(len(scenes)) < minimal
     second = [_change(a, [_ATTRIBUTES[int(rng.integers(len(_ATTRIBUTES)))]], rng) if m else b
               for a, b, m in zip(first, independent, is_minimal)]
-    kw = dict(jitter=jitter, noise_std=noise_std, size=size)
+    kw = dict(jitter=jitter, noise_std=noise_std, size=size, blur=blur, warp=warp)
     images_0 = render_scenes_noisy(first, rng, **kw)
     images_1 = render_scenes_noisy(second, rng, **kw)
     return {"images_0": images_0, "images_1": images_1, "captions": caps,
