@@ -330,7 +330,9 @@ def test_train_reward_learns_on_a_tiny_world_set(tmp_path, capsys):
     from diffalign.cli import main
 
     out = tmp_path / "wr"
-    code = main(["train-reward", "world-reward", *TINY, "model.dimensions=[color,background]",
+    # the recipe's own starting point, the bundled world CLIP (tiny random towers need far more steps)
+    code = main(["train-reward", "world-reward", *TINY, "model.pretrained=world:clip", "model.text_pretrained=",
+                 "model.dimensions=[color,background]",
                  "data.path=world:renders?split=train&per_caption=1&change_prob=0.5",
                  "data.val_path=world:renders?split=heldout&per_caption=1&seed=1&change_prob=0.5",
                  "train.max_steps=150", "train.batch_size=32", "optim.lr=2e-3", f"train.output_dir={out}", "--no-progress"])
