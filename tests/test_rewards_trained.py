@@ -219,6 +219,42 @@ def test_composite_members_are_separate_models():
     assert torch.equal(scores["color"], only_color)
 
 
+def test_decoder_latent_reward_reads_x_t_through_the_generators_vae(tmp_path):
+    """The world-latent-reward recipe's backbone: the generator's frozen VAE decoder + the world CLIP, with
+    gradients to x_t, noise-level dependence, and an exact save/load round trip."""
+    from diffusers import AutoencoderKL
+
+    from diffalign.models import resolve_pretrained
+    from diffalign.rewards import build_reward
+    from diffalign.rewards.trained import wrap
+    from diffalign.rewards.training import build_reward_model
+
+    vae = AutoencoderKL.from_pretrained(resolve_pretrained("world:flow"), subfolder="vae")
+    cfg = _cfg("model.kind=latent", "model.latent_backbone=decoder", "model.latent_clip=world:clip",
+               "model.text_pretrained=")
+    model, tok, spec = build_reward_model(cfg, latent_channels=vae.config.latent_channels, vae=vae)
+    for name, p in vae.decoder.state_dict().items():  # the generator's own decoder, frozen
+        assert torch.equal(model.vae.decoder.state_dict()[name], p), name
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    reward = wrap(model, tok, spec)
+    _, caps = _world_batch(2)
+    side = 32 // 2 ** (len(vae.config.block_out_channels) - 1)
+    x_t = torch.randn(2, vae.config.latent_channels, side, side, generator=torch.Generator().manual_seed(0),
+                      requires_grad=True)
+    scores = reward(x_t, caps, t=torch.tensor([0.2, 0.7]))
+    sum(scores.values()).sum().backward()
+    assert torch.isfinite(x_t.grad).all() and x_t.grad.abs().sum() > 0
+    with torch.no_grad():
+        other_t = reward(x_t, caps, t=torch.tensor([0.9, 0.1]))
+    assert not torch.allclose(other_t["color"], scores["color"].detach())  # the noise level is an input
+    reward.save(tmp_path / "lat")
+    loaded = build_reward(str(tmp_path / "lat"))
+    with torch.no_grad():
+        again = loaded(x_t.detach(), caps, t=torch.tensor([0.2, 0.7]))
+    for d in WORLD_DIMS:
+        assert torch.equal(again[d], scores[d].detach()), d
+
+
 def test_latent_reward_gradient_wrt_noisy_latents_is_finite():
     reward, _ = _build("latent")
     _, caps = _world_batch(3)
