@@ -174,6 +174,19 @@ def infer_family(model: str) -> str:
     return by_pipeline[class_name]
 
 
+def _unmixed_lora(weights: Path) -> dict | None:
+    """The file's state dict with every layer in peft format when it MIXES ``lora_A``/``lora_B`` keys with old
+    ``lora.down``/``lora.up`` ones (LoRAs written by diffalign before the save fix; diffusers drops the old-style
+    layers of a mixed dict without a word); None when the file is not mixed."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights))
+    keys = list(state)
+    if not (any(".lora_A." in k for k in keys) and any(".lora.down." in k for k in keys)):
+        return None
+    return {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v for k, v in state.items()}
+
+
 def load_lora(adapter, path: str, adapter_name: str = "aligned") -> None:
     """Load a diffusers-format LoRA (``diffalign train`` output) into ``adapter``'s denoiser, as peft adapter
     ``adapter_name``; raises FileNotFoundError / ModelLoadError with the fix."""
@@ -189,8 +202,14 @@ def load_lora(adapter, path: str, adapter_name: str = "aligned") -> None:
         directory, kwargs = p, {}
         if not any(p.glob("*.safetensors")):
             raise ModelLoadError(f"--lora {path}: no .safetensors LoRA weights in that folder")
+    source: str | dict = str(directory)
+    weights = directory / kwargs.get("weight_name", "pytorch_lora_weights.safetensors")
+    if weights.is_file():
+        source = _unmixed_lora(weights) or source
+        if isinstance(source, dict):
+            kwargs = {}
     try:
-        adapter.pipe.load_lora_weights(str(directory), adapter_name=adapter_name, **kwargs)
+        adapter.pipe.load_lora_weights(source, adapter_name=adapter_name, **kwargs)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise ModelLoadError(f"--lora {path}: could not load it into the {adapter.family} model: {e}") from e
     if adapter_name not in (getattr(adapter.denoiser, "peft_config", None) or {}):

@@ -184,6 +184,41 @@ def test_rlg_w0_is_the_base_model_and_w1_the_aligned_model(family, lora_dirs):
     assert (w2.latents - aligned.latents).abs().max() > 1e-2  # w > 1 extrapolates beyond the aligned model
 
 
+def test_load_lora_reads_every_layer_of_a_legacy_mixed_format_file(tmp_path):
+    """LoRAs written before the save fix: with SD3 context projections among the targets, to_q/k/v/out were
+    saved as old lora.down/up keys beside peft lora_A/B ones, and diffusers alone drops the old-style layers of
+    such a file (measured on a world:flow LoRA: 15 of 31 layers). load_lora must bring every layer in."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file, save_file
+
+    from diffalign.config import LoraConfig
+    from diffalign.samplers.api import _unmixed_lora, load_lora
+
+    adapter = load_adapter(ModelConfig(family="sd3", pretrained="tiny:sd3", max_sequence_length=16))
+    adapter.add_lora(LoraConfig(rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                        "add_k_proj", "add_v_proj"]))
+    gen = torch.Generator().manual_seed(2)
+    for name, p in adapter.denoiser.named_parameters():
+        if "lora_B" in name:
+            p.data = 0.3 * torch.randn(p.shape, generator=gen)
+    adapter.save_lora(adapter.denoiser, str(tmp_path / "clean"))
+    src = load_file(str(tmp_path / "clean" / "pytorch_lora_weights.safetensors"))
+    assert _unmixed_lora(tmp_path / "clean" / "pytorch_lora_weights.safetensors") is None  # current files are clean
+    legacy = {(k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.")
+               if any(f".attn.{m}." in k for m in ("to_q", "to_k", "to_v", "to_out.0")) else k): v
+              for k, v in src.items()}
+    (tmp_path / "legacy").mkdir()
+    save_file(legacy, str(tmp_path / "legacy" / "pytorch_lora_weights.safetensors"))
+    fresh = load_adapter(ModelConfig(family="sd3", pretrained="tiny:sd3", max_sequence_length=16))
+    load_lora(fresh, str(tmp_path / "legacy"))
+    loaded = {n: next(iter(m.lora_B.values())).weight for n, m in fresh.denoiser.named_modules()
+              if isinstance(m, LoraLayer) and m.lora_B}
+    want = {k.removeprefix("transformer.").removesuffix(".lora_B.weight"): v for k, v in src.items() if ".lora_B." in k}
+    assert set(loaded) == set(want), sorted(set(want) - set(loaded))[:4]
+    for name, w in want.items():
+        torch.testing.assert_close(loaded[name].detach(), w)
+
+
 def test_rlg_with_two_models_base_model_and_aligned_full_finetune(tmp_path):
     """RLG across two separate networks (a full fine-tune): w=0 is the base folder's samples, w=1 the aligned's."""
     from diffalign.models import load_pipeline

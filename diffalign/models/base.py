@@ -181,10 +181,13 @@ class FamilyAdapter(ABC):
         return ref.eval()
 
     def lora_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """The LoRA weights in peft key format (``...to_q.lora_A.weight``), which every diffusers LoRA loader
+        reads. Not ``convert_state_dict_to_diffusers``: with targets beyond to_q/k/v/out (e.g. SD3's
+        add_q_proj) it renames only the known ones to ``lora.down``/``lora.up``, and diffusers, seeing a mixed
+        dict, silently drops the renamed layers on load (measured: to_q/k/v/out of a world:flow LoRA)."""
         from peft.utils import get_peft_model_state_dict
 
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        return get_peft_model_state_dict(model)
 
     def save_lora(self, model: nn.Module, directory: str) -> None:
         """Write the LoRA in the diffusers format: ``pipe.load_lora_weights(directory)`` loads it."""
