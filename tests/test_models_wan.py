@@ -254,3 +254,31 @@ def test_loop_step_on_cached_video_latents(tiny_model, tmp_path):
     grads = [p.grad for p in trainer.model.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+# --------------------------------------------------------------------------- sampling (diffalign.samplers, unchanged)
+
+def test_cfg_video_sampling_reproduces_the_wan_pipeline(wan, tiny_model):
+    """Same seeds, the pipeline's FlowMatchEuler scheduler, CFG 4: the sampler's video latents equal WanPipeline's
+    output_type='latent' and the decoded frames match its output_type='np'."""
+    import numpy as np
+
+    from diffalign.samplers import SampleConfig, Sampler
+
+    prompts = ["a red ball bouncing", "waves on a beach"]
+    cfg = SampleConfig(model=str(tiny_model("wan")), prompts=prompts, steps=4, guidance_scale=4.0, batch_size=2,
+                       progress=False, device="cpu", num_frames=5, height=16, width=16, max_sequence_length=SEQ)
+    result = Sampler(cfg, adapter=wan).sample()
+    assert result.images.shape == (2, 5, 16, 16, 3) and result.latents.shape == (2, 16, 2, 2, 2)
+    pipe = wan.pipe
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=result.prompts, num_inference_steps=4, guidance_scale=4.0, height=16, width=16, num_frames=5,
+              max_sequence_length=SEQ)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in result.seeds]  # noqa: E731
+    latents = pipe(generator=gens(), output_type="latent", **kw).frames
+    frames = pipe(generator=gens(), output_type="np", **kw).frames
+    torch.testing.assert_close(result.latents, latents.float(), atol=1e-5, rtol=1e-5)
+    expected = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    assert expected.shape == result.images.shape
+    assert np.abs(result.images.astype(int) - expected.astype(int)).max() <= 1
+    assert result.latents.abs().max() > 0.1
