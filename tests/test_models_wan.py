@@ -309,3 +309,24 @@ def test_latent_cache_round_trip_on_wan(tiny_model, tmp_path):
     loss_f, _ = fly.compute_loss(b_fly, step_generator(0, 0, 0))
     assert loss_c.item() == pytest.approx(loss_f.item(), rel=1e-4)
     assert cached.train().steps == 2
+
+
+def test_bf16_wan_predicts_in_bf16_with_a_float32_timestep_like_the_pipeline(tiny_model):
+    adapter = load_adapter(ModelConfig(family="wan", pretrained=str(tiny_model("wan")), max_sequence_length=SEQ),
+                           weight_dtype=torch.bfloat16)
+    from diffalign.models.base import model_dtype
+
+    model = adapter.denoiser
+    # diffusers keeps some Wan modules in float32, the first parameter (scale_shift_table) among them
+    assert next(model.parameters()).dtype == torch.float32 and model.dtype == torch.bfloat16
+    assert model_dtype(model) == torch.bfloat16
+    text = adapter.encode_prompts(["a red ball bouncing"])
+    x_t = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(8))
+    t = torch.tensor([0.7234])
+    assert torch.tensor([723.4]).bfloat16().item() == 724.0  # what a bf16 timestep would become
+    out = adapter.predict(model, x_t, t, text)
+    assert out.dtype == torch.bfloat16 and out.shape == x_t.shape
+    # WanPipeline: latents cast to the transformer dtype, timestep = the scheduler's float32 timestep
+    pipeline_way = model(hidden_states=x_t.bfloat16(), timestep=torch.tensor([723.4]),
+                         encoder_hidden_states=text["prompt_embeds"].bfloat16(), return_dict=False)[0]
+    torch.testing.assert_close(out, pipeline_way, atol=0, rtol=0)

@@ -98,7 +98,9 @@ class WanAdapter(FlowMatchingMixin, FamilyAdapter):
         return {"prompt_embeds": embeds.float()}
 
     def predict(self, model, x_t, t, text, micro=None):
+        """The timestep goes in as float32 on the 0..1000 scale, as WanPipeline passes its scheduler's timesteps
+        (the transformer casts the sinusoidal projection itself; a bf16 timestep would round e.g. 723.4 to 724)."""
         dtype = model_dtype(model)
         scale = float(self.pipe.scheduler.config.get("num_train_timesteps", 1000))
-        return model(hidden_states=x_t.to(dtype), timestep=(t * scale).to(x_t.device, dtype),
+        return model(hidden_states=x_t.to(dtype), timestep=(t.float() * scale).to(x_t.device),
                      encoder_hidden_states=text["prompt_embeds"].to(dtype), return_dict=False)[0]
