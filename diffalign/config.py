@@ -30,7 +30,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    family: str = _f("sd15", "Model family adapter: sd15 | sdxl | sd3 | flux.")
+    family: str = _f("sd15", "Model family adapter: sd15 | sdxl | sd3 | flux | wan (Wan 2.1 video).")
     pretrained: str = _f("", "Diffusers pipeline folder, hub id, or 'tiny:<family>' for the built-in tiny test model.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of `pretrained`.")
     variant: str | None = _f(None, "Weight variant to load, e.g. 'fp16'.")
@@ -39,9 +39,9 @@ class ModelConfig:
     timestep_sampling: str = _f("logit_normal", "Flow families: 'logit_normal' (SD3 practice) or 'uniform' in [0, 1].")
     logit_mean: float = _f(0.0, "Mean of the logit-normal timestep density (flow).")
     logit_std: float = _f(1.0, "Std of the logit-normal timestep density (flow).")
-    flow_shift: float | None = _f(None, "Flow time shift t' = s t / (1 + (s - 1) t); null uses the scheduler's `shift` (1.0 when dynamic).")
+    flow_shift: float | None = _f(None, "Flow time shift t' = s t / (1 + (s - 1) t); null uses the scheduler's `shift` (`flow_shift` for UniPC/DPM flow schedulers; 1.0 when dynamic).")
     guidance_scale: float = _f(3.5, "FLUX guidance-embedding value fed during training (guidance-distilled models only).")
-    max_sequence_length: int | None = _f(None, "T5 token length for SD3/FLUX prompts; null uses the family default.")
+    max_sequence_length: int | None = _f(None, "T5 token length for SD3/FLUX/Wan prompts; null uses the family default.")
     weight_dtype: str = _f("auto", "dtype of frozen weights (VAE, text encoders, LoRA base): auto (= mixed precision) | float32 | bfloat16 | float16.")
     attention: str = _f("sdpa", "Attention backend: 'sdpa' (PyTorch fused scaled_dot_product_attention) or 'xformers'.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
@@ -163,7 +163,7 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.family": ("sd15", "sdxl", "sd3", "flux"),
+    "model.family": ("sd15", "sdxl", "sd3", "flux", "wan"),
     "model.prediction_type": ("epsilon", "v_prediction"),
     "model.timestep_sampling": ("logit_normal", "uniform"),
     "model.weight_dtype": ("auto", "float32", "bfloat16", "float16"),

@@ -47,7 +47,7 @@ class SampleConfig:
     model: str = _f("", "Diffusers pipeline folder, hub id, 'tiny:<family>' or 'world:unet' / 'world:flow'.")
     prompts: list = _f([], "Prompts; each is sampled num_per_prompt times.")
     out: str | None = _f(None, "Output folder (PNG/MP4 per sample, grid.png, samples.json); None = return only.")
-    family: str | None = _f(None, "sd15 | sdxl | sd3 | flux; None = read from model_index.json / the spec.")
+    family: str | None = _f(None, "sd15 | sdxl | sd3 | flux | wan; None = read from model_index.json / the spec.")
     lora: str | None = _f(None, "LoRA folder or .safetensors written by `diffalign train` (diffusers format).")
     base_model: str | None = _f(None, "RLG with two models: the base pipeline folder (aligned = --model); "
                                       "it must share the text encoders and VAE.")
@@ -84,7 +84,7 @@ class SampleConfig:
     batch_size: int = _f(4, "Samples per batch (results do not depend on it beyond float rounding).")
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda[:i].")
     dtype: str = _f("auto", "Weights dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16.")
-    max_sequence_length: int | None = _f(None, "T5 tokens for SD3/FLUX prompts; None = family default (world:flow: 1).")
+    max_sequence_length: int | None = _f(None, "T5 tokens for SD3/FLUX/Wan prompts; None = family default (world:flow: 1).")
     distilled_guidance: float | None = _f(None, "FLUX guidance-embedding value; None = 3.5.")
     progress: bool = _f(True, "Show a progress bar.")
 

@@ -38,7 +38,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     src = p.add_argument_group("what to sample")
     src.add_argument("--model", help=h("model"))
-    src.add_argument("--family", choices=("sd15", "sdxl", "sd3", "flux"), help=h("family"))
+    src.add_argument("--family", choices=("sd15", "sdxl", "sd3", "flux", "wan"), help=h("family"))
     prompts = src.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     prompts.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (blank lines skipped)")

@@ -13,8 +13,9 @@ from diffalign.models.flux import FluxAdapter
 from diffalign.models.sd3 import SD3Adapter
 from diffalign.models.sd15 import SD15Adapter
 from diffalign.models.sdxl import SDXLAdapter
+from diffalign.models.wan import WanAdapter
 
-ADAPTERS: dict[str, type[FamilyAdapter]] = {a.family: a for a in (SD15Adapter, SDXLAdapter, SD3Adapter, FluxAdapter)}
+ADAPTERS: dict[str, type[FamilyAdapter]] = {a.family: a for a in (SD15Adapter, SDXLAdapter, SD3Adapter, FluxAdapter, WanAdapter)}
 
 
 class ModelLoadError(RuntimeError):

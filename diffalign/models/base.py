@@ -217,5 +217,15 @@ class FamilyAdapter(ABC):
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
-    """dtype of the (possibly DDP-wrapped) network's first weight: what inputs are cast to."""
+    """dtype of the (possibly DDP-wrapped) network's first weight: what inputs are cast to.
+
+    Weights of the modules a diffusers model keeps in float32 (``_keep_in_fp32_modules``; WanTransformer3DModel's
+    ``scale_shift_table`` is its FIRST parameter) are skipped, as diffusers' own ``ModelMixin.dtype`` does: a bf16
+    Wan otherwise reads as float32 and its bf16 patch embedding fails on float32 inputs.
+    """
+    inner = getattr(model, "module", model)  # DDP
+    keep = getattr(inner, "_keep_in_fp32_modules", None) or ()
+    for name, p in inner.named_parameters():
+        if p.is_floating_point() and not any(k in name for k in keep):
+            return p.dtype
     return next(model.parameters()).dtype

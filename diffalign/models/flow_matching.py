@@ -8,15 +8,30 @@ from __future__ import annotations
 import torch
 
 
+def scheduler_shift(sched) -> float:
+    """The static flow shift s of a scheduler config (dict-like), as the pipelines apply it at inference.
+
+    FlowMatchEulerDiscreteScheduler stores it as ``shift``; the multistep solvers Wan checkpoints ship with
+    (UniPCMultistepScheduler / DPMSolverMultistepScheduler with ``use_flow_sigmas``) as ``flow_shift``.
+    Dynamic (resolution-dependent) shifting is an inference-time choice: training then stays unshifted (1.0).
+    """
+    if sched.get("use_dynamic_shifting", False):
+        return 1.0
+    if "shift" in sched:
+        return float(sched["shift"])
+    if sched.get("use_flow_sigmas", False):
+        return float(sched.get("flow_shift", 1.0))
+    return 1.0
+
+
 class FlowMatchingMixin:
     prediction_type = "flow_velocity"
 
     def _init_noising(self) -> None:
-        sched = self.pipe.scheduler.config
         if self.cfg.flow_shift is not None:
             self.flow_shift = float(self.cfg.flow_shift)
-        else:  # dynamic (resolution-dependent) shifting is an inference-time choice; train unshifted
-            self.flow_shift = 1.0 if sched.get("use_dynamic_shifting", False) else float(sched.get("shift", 1.0))
+        else:
+            self.flow_shift = scheduler_shift(self.pipe.scheduler.config)
 
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Logit-normal(m, s) or uniform t in (0, 1), then the shift t' = s t / (1 + (s-1) t)."""

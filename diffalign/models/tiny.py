@@ -19,9 +19,11 @@ import torch
 
 from diffalign.paths import diffalign_home
 
-TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux")
-# Pixel resolution the tiny models are meant for (VAE scale factor 2 for the UNets, 1 for SD3/FLUX).
-TINY_RESOLUTION = {"sd15": 32, "sdxl": 32, "sd3": 16, "flux": 16}
+TINY_FAMILIES = ("sd15", "sdxl", "sd3", "flux", "wan")
+# Pixel resolution the tiny models are meant for (VAE scale factor 2 for the UNets, 1 for SD3/FLUX, 8 for Wan).
+TINY_RESOLUTION = {"sd15": 32, "sdxl": 32, "sd3": 16, "flux": 16, "wan": 16}
+# Frames per sample for the tiny video families (num_frames - 1 divisible by the VAE's temporal factor 4).
+TINY_NUM_FRAMES = {"wan": 9}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -81,13 +83,36 @@ def _clip_text(hidden: int, projection: bool, layers: int = 2, intermediate: int
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
+_TINY_T5 = dict(vocab_size=99, d_model=32, d_ff=37, d_kv=8, num_layers=5, num_heads=4,
+                relative_attention_num_buckets=8, decoder_start_token_id=0)
+
+
 def _t5():
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(
-        vocab_size=99, d_model=32, d_ff=37, d_kv=8, num_layers=5, num_heads=4,
-        relative_attention_num_buckets=8, decoder_start_token_id=0,
-    )).eval()
+    return T5EncoderModel(T5Config(**_TINY_T5)).eval()
+
+
+def _umt5():
+    """Wan's text encoder class (UMT5) with the same tiny T5 sizes."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(**_TINY_T5)).eval()
+
+
+def _tiny_wan():
+    """Wan 2.1 with diffusers' test sizes: 3-D VAE (8x spatial, 4x temporal), 2-layer transformer, UMT5."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    return WanPipeline(tokenizer=build_ascii_t5_tokenizer(), text_encoder=_umt5(), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), transformer=transformer)
 
 
 def _unet_vae():
@@ -133,6 +158,8 @@ def build_tiny_pipeline(family: str, prediction_type: str = "epsilon"):
             tokenizer=build_char_clip_tokenizer(), scheduler=DDPMScheduler(**ddpm),
             safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
         )
+    if family == "wan":
+        return _tiny_wan()
     if family == "sdxl":
         unet = UNet2DConditionModel(
             block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4), use_linear_projection=True,
