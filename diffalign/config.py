@@ -70,6 +70,9 @@ class DataConfig:
     on_error: str = _f("raise", "Bad rows (corrupt image, missing file, bad label): 'raise' naming the row, or 'skip' and count.")
     max_pairs: int | None = _f(None, "Use only the first N rows of the source.")
     num_workers: int = _f(0, "DataLoader worker processes for on-the-fly decoding.")
+    num_frames: int | None = _f(None, "Video pairs (rows pointing at .mp4/.gif/.webm/... files): frames per clip, the first num_frames frames on screen at times k / data.fps (sampled BY TIME from the file's real frame rate). Pixels are then [3, F, R, R]. Wan needs num_frames - 1 divisible by 4 (5, 9, 81). A clip shorter than num_frames / fps seconds is a bad row. null = image pairs (a video file is then an error).")
+    fps: float = _f(16.0, "Video pairs: the model's frame rate; frames are taken at times k / fps whatever the file's own rate (Wan 2.1: 16).")
+    dimension_weights: dict | None = _f(None, "VideoAlign CSV (columns path_A, path_B, prompt, VQ, MQ, TA with A/B/same) for DPO: the winner is A when sum_d w_d * (+1 A, -1 B, 0 same/missing) > 0, B when < 0; 0 is a tie (dropped and counted, or an error with data.ties=error). {dim: weight}; null = {VQ: 1, MQ: 1, TA: 1}.")
 
 
 @dataclass
@@ -290,6 +293,15 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("train.batch_size, train.gradient_accumulation_steps and train.max_steps must be >= 1")
     if not 0.0 <= cfg.data.prompt_dropout <= 1.0:
         raise ConfigError(f"data.prompt_dropout must lie in [0, 1], got {cfg.data.prompt_dropout}")
+    if cfg.data.num_frames is not None and (isinstance(cfg.data.num_frames, bool) or int(cfg.data.num_frames) < 1):
+        raise ConfigError(f"data.num_frames must be a positive integer or null, got {cfg.data.num_frames!r}")
+    if not (isinstance(cfg.data.fps, (int, float)) and not isinstance(cfg.data.fps, bool) and cfg.data.fps > 0):
+        raise ConfigError(f"data.fps must be a positive number, got {cfg.data.fps!r}")
+    if cfg.data.dimension_weights is not None:
+        w = cfg.data.dimension_weights
+        if not isinstance(w, dict) or not w or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in w.values()):
+            raise ConfigError(f"data.dimension_weights must be a non-empty mapping {{dimension: number}}, got {w!r}")
     if cfg.objective.beta <= 0:
         raise ConfigError(f"objective.beta must be > 0, got {cfg.objective.beta}")
     o = cfg.objective

@@ -92,10 +92,31 @@ class JointTransform:
         # PIL's BILINEAR widens its kernel when downscaling, i.e. it is antialiased.
         return img.resize((nw, nh), Image.BILINEAR)
 
+    def _plan(self, sizes: list[tuple[int, int]], generator: torch.Generator) -> tuple[bool, int, int]:
+        """(flipped, top, left) shared by every image, from resized (h, w) sizes; draws flip, then top, then left."""
+        R = self.resolution
+        flipped = False
+        if self.random_flip:
+            flipped = bool(torch.rand((), generator=generator).item() < 0.5)
+        # One offset valid for all images: the smallest of the offset ranges.
+        max_top = min(h - R for h, _ in sizes)
+        max_left = min(w - R for _, w in sizes)
+        if self.center_crop:
+            top, left = int(round(max_top / 2.0)), int(round(max_left / 2.0))
+        else:
+            top = int(torch.randint(0, max_top + 1, (), generator=generator).item())
+            left = int(torch.randint(0, max_left + 1, (), generator=generator).item())
+        return flipped, top, left
+
+    def _apply(self, img: Image.Image, flipped: bool, top: int, left: int) -> Image.Image:
+        R = self.resolution
+        if flipped:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return img.crop((left, top, left + R, top + R))
+
     def __call__(self, image_w: Image.Image, image_l: Image.Image,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, PairMeta]:
         """Return ``(pixels_w [3,R,R], pixels_l [3,R,R], PairMeta)``; draws flip, then top, then left."""
-        R = self.resolution
         imgs = []
         for img in (image_w, image_l):
             if img.mode != "RGB":
@@ -103,24 +124,25 @@ class JointTransform:
             imgs.append(img)
         original = [(img.height, img.width) for img in imgs]
         imgs = [self._resize(img) for img in imgs]
-
-        flipped = False
-        if self.random_flip:
-            flipped = bool(torch.rand((), generator=generator).item() < 0.5)
-        if flipped:
-            imgs = [img.transpose(Image.FLIP_LEFT_RIGHT) for img in imgs]
-
-        # One offset valid for both images: the smaller of the two offset ranges.
-        max_top = min(img.height - R for img in imgs)
-        max_left = min(img.width - R for img in imgs)
-        if self.center_crop:
-            top, left = int(round(max_top / 2.0)), int(round(max_left / 2.0))
-        else:
-            top = int(torch.randint(0, max_top + 1, (), generator=generator).item())
-            left = int(torch.randint(0, max_left + 1, (), generator=generator).item())
-        imgs = [img.crop((left, top, left + R, top + R)) for img in imgs]
-
+        flipped, top, left = self._plan([(img.height, img.width) for img in imgs], generator)
+        imgs = [self._apply(img, flipped, top, left) for img in imgs]
         pixels_w, pixels_l = (_to_tensor(img) for img in imgs)
         meta = PairMeta(original_size_w=original[0], original_size_l=original[1],
                         crop_top_left=(top, left), flipped=flipped)
         return pixels_w, pixels_l, meta
+
+    def videos(self, frames_w: np.ndarray, frames_l: np.ndarray,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, PairMeta]:
+        """A video pair: uint8 ``[F, H, W, 3]`` each -> ``(pixels_w [3,F,R,R], pixels_l [3,F,R,R], PairMeta)``.
+
+        Every frame of BOTH videos gets the same resize rule, the same flip and the same crop offset
+        (one draw per pair, in the same order as for images), so motion and the pair's alignment are kept.
+        """
+        clips = [[Image.fromarray(np.ascontiguousarray(f)) for f in frames] for frames in (frames_w, frames_l)]
+        original = [(clip[0].height, clip[0].width) for clip in clips]
+        clips = [[self._resize(img) for img in clip] for clip in clips]
+        flipped, top, left = self._plan([(clip[0].height, clip[0].width) for clip in clips], generator)
+        out = [torch.stack([_to_tensor(self._apply(img, flipped, top, left)) for img in clip], dim=1) for clip in clips]
+        meta = PairMeta(original_size_w=original[0], original_size_l=original[1],
+                        crop_top_left=(top, left), flipped=flipped)
+        return out[0], out[1], meta
