@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffalign.data.preference import (DataError, PreferencePairDataset, collate_pairs, decode_video,
-                                       load_preference_source)
+                                       load_preference_source, validate_images)
 from diffalign.data.transforms import JointTransform
 
 H, W, N = 16, 24, 9  # clip height, width, frames at 10 fps (0.9 s)
@@ -208,6 +208,10 @@ def test_unreadable_and_too_short_videos_name_file_and_row(clips, tmp_path):
     assert ds[0]["pixels_w"].shape == (3, 5, 16, 16)
     with pytest.raises(DataError, match=r"va_bad\.csv: row 1: corrupt or unreadable video .*broken\.mp4"):
         ds[1]
+    with pytest.raises(DataError, match=r"va_bad\.csv: row 1: loser image: corrupt or unreadable video"):
+        validate_images(src, num_frames=5, fps=10.0)
+    kept = validate_images(src, on_error="skip", num_frames=5, fps=10.0)
+    assert [r.row for r in kept.records] == [0] and kept.counts.skipped[-1][0] == 1
     skip = PreferencePairDataset(src, t, num_frames=5, fps=10.0, on_error="skip")
     assert skip[1] is None and collate_pairs([skip[0], skip[1]])["skipped"] == 1
     # 9 frames at 10 fps = 0.9 s; 6 frames at 5 fps need 1.2 s
@@ -224,6 +228,25 @@ def test_unreadable_and_too_short_videos_name_file_and_row(clips, tmp_path):
     mixed = write_videoalign(d / "va_mixed.csv", [{"path_A": "still.png", "path_B": "b10.mp4", "prompt": "m", "VQ": "A"}])
     with pytest.raises(DataError, match=r"row 0: path_A and path_B must both be videos or both images"):
         load_preference_source(str(mixed))
+
+
+def test_declared_num_frames_must_match_each_file(clips):
+    d, _, a, _ = clips
+    path = write_videoalign(d / "va_len.csv", [
+        {"path_A": "a10.mp4", "path_B": "b10.gif", "prompt": "ok", "VQ": "A", "num_frames": "9"},
+        {"path_A": "a10.mp4", "path_B": "a30.mp4", "prompt": "long", "VQ": "A", "num_frames": "9"},
+        {"path_A": "a10.mp4", "path_B": "b10.mp4", "prompt": "bad", "VQ": "A", "num_frames": "nine"},
+    ])
+    with pytest.raises(DataError, match=r"va_len\.csv: row 2: num_frames: 'nine' is not a positive whole number"):
+        load_preference_source(str(path))
+    src = load_preference_source(str(path), on_error="skip")
+    assert [r.source_frames for r in src.records] == [9, 9] and len(src.counts.skipped) == 1
+    ds = PreferencePairDataset(src, JointTransform(16, center_crop=True, random_flip=False), num_frames=5, fps=10.0)
+    winner = ((ds[0]["pixels_w"].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(winner, a[:5, :, 4:20])  # the full-decode path samples the same frames
+    with pytest.raises(DataError, match=r"va_len\.csv: row 1: length mismatch: .*a30\.mp4 has 27 frames at 30 fps, "
+                                        r"the row's num_frames says 9"):
+        ds[1]
 
 
 # --------------------------------------------------------------------------- Wan cache and training

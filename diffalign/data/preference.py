@@ -28,8 +28,10 @@ Conventions:
   ``diffalign.rewards.data.read_videoalign_csv``, which parses them) become DPO pairs by a combination
   rule: score = sum_d w_d * (+1 A, -1 B, 0 same or missing) with ``dimension_weights`` (default VQ = MQ =
   TA = 1); score > 0 -> A won, < 0 -> B won, 0 -> a tie (dropped and counted, or an error with
-  ties='error'). Optional ``fps_A``/``fps_B`` override a file's own frame rate; relative paths resolve
-  against the CSV's folder.
+  ties='error'). Optional ``fps_A``/``fps_B`` override a file's own frame rate; an optional ``num_frames``
+  column is the frame count both clips must have (checked when the pair is decoded: a different count is a
+  "length mismatch" naming the file and the row). Relative paths resolve against the CSV's folder. Video
+  media are file paths; encoded video bytes inside a parquet are not supported.
 """
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ class PairRecord:
     score_l: float | None = None
     fps_w: float | None = None  # video pairs: frame-rate override of the winner / loser file (VideoAlign fps_A/B)
     fps_l: float | None = None
+    source_frames: int | None = None  # video pairs: the frame count both files must have (VideoAlign num_frames)
 
 
 @dataclass
@@ -193,8 +196,10 @@ def is_video_ref(ref: Any) -> bool:
     return isinstance(ref, str) and Path(ref).suffix.lower() in VIDEO_SUFFIXES
 
 
-def _decode_video(ref: bytes | str, num_frames: int, fps: float, file_fps: float | None = None):
-    """uint8 [num_frames, H, W, 3]: the frames on screen at t_k = k / fps, k < num_frames (raises _ImageProblem)."""
+def _decode_video(ref: bytes | str, num_frames: int, fps: float, file_fps: float | None = None,
+                  source_frames: int | None = None):
+    """uint8 [num_frames, H, W, 3]: the frames on screen at t_k = k / fps, k < num_frames (raises _ImageProblem).
+    ``source_frames``: the file must hold exactly that many frames (at its own constant rate)."""
     from diffalign.rewards.media import MediaError, frame_indices_by_time, load_video, to_uint8_frames
 
     if not isinstance(ref, str):
@@ -202,13 +207,17 @@ def _decode_video(ref: bytes | str, num_frames: int, fps: float, file_fps: float
     if not os.path.isfile(ref):
         raise _ImageProblem(f"file not found: {ref}")
     try:
-        if file_fps is None:
-            frames, _ = load_video(ref, target_fps=fps)
-            real = None
-        else:  # the row says the file's true rate: sample by time at that rate instead of the stream's
+        if file_fps is None and source_frames is None:
+            frames, _ = load_video(ref, target_fps=fps)  # subsampled before the float conversion: small
+        else:  # decode every frame: to count them, or to sample by time at the rate the row gives
             frames, real = load_video(ref)
-            idx, _ = frame_indices_by_time(len(frames), file_fps, target_fps=fps)
+            if source_frames is not None and len(frames) != source_frames:
+                raise _ImageProblem(f"length mismatch: {ref} has {len(frames)} frames at {real:g} fps, the row's "
+                                    f"num_frames says {source_frames}")
+            idx, _ = frame_indices_by_time(len(frames), real if file_fps is None else file_fps, target_fps=fps)
             frames = frames[idx]
+    except _ImageProblem:
+        raise
     except MediaError as exc:
         raise _ImageProblem(f"corrupt or unreadable video ({exc})") from None
     except Exception as exc:  # anything else a decoder throws also means "cannot read"
@@ -222,11 +231,11 @@ def _decode_video(ref: bytes | str, num_frames: int, fps: float, file_fps: float
 
 
 def decode_video(ref: bytes | str, *, source: str, row: int, num_frames: int, fps: float,
-                 file_fps: float | None = None):
+                 file_fps: float | None = None, source_frames: int | None = None):
     """A video file as uint8 ``[num_frames, H, W, 3]``, sampled by time at ``fps`` from its real frame rate
     (``file_fps`` overrides the file's own rate). Raises :class:`DataError` naming ``source``, ``row`` and the file."""
     try:
-        return _decode_video(ref, num_frames, fps, file_fps)
+        return _decode_video(ref, num_frames, fps, file_fps, source_frames)
     except _ImageProblem as p:
         hint = _FIX
         if p.reason.startswith("file not found"):
@@ -335,14 +344,15 @@ class _Builder:
         self._bad(row, reason)
 
     def add_scored(self, row: int, caption: Any, score: float | None, path_a: Any, path_b: Any,
-                   base_dir: Path | None, fps: tuple[float | None, float | None], labels: str) -> None:
+                   base_dir: Path | None, fps: tuple[float | None, float | None], labels: str,
+                   source_frames: Any = None) -> None:
         """One VideoAlign row (``row`` = its 0-based row in the CSV) with its combined score; None or 0 = tie.
         ``labels`` is the row's raw labels, for the fingerprint and messages."""
         self.counts.rows = max(self.counts.rows, row + 1)
         h = self.hash
         _hash_field(h, b"R", row.to_bytes(8, "little"))
         _hash_field(h, b"C", repr(caption).encode("utf-8", "replace"))
-        _hash_field(h, b"V", f"{labels}\0{fps!r}".encode())
+        _hash_field(h, b"V", f"{labels}\0{fps!r}\0{source_frames!r}".encode())
         ref_a, why_a = _resolve_image(path_a, base_dir, h)
         ref_b, why_b = _resolve_image(path_b, base_dir, h)
         if not score:
@@ -356,13 +366,23 @@ class _Builder:
             return self._bad(row, f"path_A: {why_a}")
         if why_b is not None:
             return self._bad(row, f"path_B: {why_b}")
+        frames = None
+        if source_frames is not None and str(source_frames).strip().lower() not in ("", "nan", "none", "null", "-"):
+            try:
+                frames = int(str(source_frames).strip())
+            except ValueError:
+                frames = 0
+            if frames < 1 or str(frames) != str(source_frames).strip():
+                return self._bad(row, f"num_frames: {source_frames!r} is not a positive whole number of frames "
+                                      "(leave it empty to not check the clips' lengths)")
         if is_video_ref(ref_a) != is_video_ref(ref_b):
             return self._bad(row, f"path_A and path_B must both be videos or both images, got {ref_a} and {ref_b}")
         if score > 0:
             w, l, fw, fl = ref_a, ref_b, fps[0], fps[1]
         else:
             w, l, fw, fl = ref_b, ref_a, fps[1], fps[0]
-        self.records.append(PairRecord(row=row, caption=str(caption), image_w=w, image_l=l, fps_w=fw, fps_l=fl))
+        self.records.append(PairRecord(row=row, caption=str(caption), image_w=w, image_l=l, fps_w=fw, fps_l=fl,
+                                       source_frames=frames))
         self.counts.pairs += 1
 
     def add(self, caption: Any, label_0: Any, label_1: Any, image_0: Any, image_1: Any,
@@ -601,6 +621,8 @@ def _load_videoalign_csv(b: _Builder, file: Path, weights: dict[str, float] | No
     dims = tuple(weights)
     w = torch.tensor([float(weights[d]) for d in dims], dtype=torch.float64)
     pairs = read_videoalign_csv(file, dims, check_files=False)
+    with open(file, encoding="utf-8-sig", newline="") as fh:  # the optional num_frames column (lengths are checked)
+        declared = [rec.get("num_frames") for rec in csv.DictReader(fh)]
     labels = pairs.labels.to(torch.float64) * pairs.mask
     scores = (labels * w).sum(dim=1)
     by_row = {row: i for i, row in enumerate(pairs.rows)}
@@ -617,7 +639,8 @@ def _load_videoalign_csv(b: _Builder, file: Path, weights: dict[str, float] | No
                         for j, d in enumerate(dims))
         score = float(scores[i])
         b.add_scored(row, pairs.prompts[i], 0.0 if abs(score) < 1e-9 else score, pairs.paths_a[i], pairs.paths_b[i],
-                     None, (pairs.fps_a[i], pairs.fps_b[i]), raw)
+                     None, (pairs.fps_a[i], pairs.fps_b[i]), raw,
+                     declared[row] if row < len(declared) else None)
 
 
 def _is_videoalign_csv(file: Path) -> bool:
@@ -762,8 +785,10 @@ def _load_hub(b: _Builder, spec: str, split: str, caption_column: str) -> None:
     _read_dataset(b, ds, caption_column, None)
 
 
-def validate_images(source: PreferenceSource, on_error: str = "raise") -> PreferenceSource:
-    """Decode every image of ``source``; bad pairs raise (naming the row) or are skipped and counted.
+def validate_images(source: PreferenceSource, on_error: str = "raise", num_frames: int | None = None,
+                    fps: float | None = None) -> PreferenceSource:
+    """Decode every image (or video, with ``num_frames``/``fps`` as in :class:`PreferencePairDataset`) of
+    ``source``; bad pairs raise (naming the row) or are skipped and counted.
 
     Returns a new source without the bad pairs; its fingerprint changes only if pairs were removed.
     """
@@ -774,9 +799,15 @@ def validate_images(source: PreferenceSource, on_error: str = "raise") -> Prefer
     removed: list[int] = []
     for rec in source.records:
         try:
-            for role, ref in (("winner", rec.image_w), ("loser", rec.image_l)):
+            for role, ref, file_fps in (("winner", rec.image_w, rec.fps_w), ("loser", rec.image_l, rec.fps_l)):
                 try:
-                    _decode(ref)
+                    if is_video_ref(ref):
+                        if num_frames is None or fps is None:
+                            raise DataError(f"{source.describe(rec.row)}: row {rec.row}: {ref} is a video; give "
+                                            "num_frames and fps (data.num_frames, data.fps) to validate video pairs")
+                        _decode_video(ref, int(num_frames), float(fps), file_fps, rec.source_frames)
+                    else:
+                        _decode(ref)
                 except _ImageProblem as p:
                     raise _ImageProblem(f"{role} image: {p.reason}") from None
         except _ImageProblem as p:
@@ -857,9 +888,9 @@ class PreferencePairDataset(torch.utils.data.Dataset):
                                 f"({rec.image_l}); both must be videos or both images. {_FIX}")
             if video_w:
                 frames_w = decode_video(rec.image_w, source=where, row=rec.row, num_frames=self.num_frames,
-                                        fps=self.fps, file_fps=rec.fps_w)
+                                        fps=self.fps, file_fps=rec.fps_w, source_frames=rec.source_frames)
                 frames_l = decode_video(rec.image_l, source=where, row=rec.row, num_frames=self.num_frames,
-                                        fps=self.fps, file_fps=rec.fps_l)
+                                        fps=self.fps, file_fps=rec.fps_l, source_frames=rec.source_frames)
             else:
                 image_w = decode_image(rec.image_w, source=where, row=rec.row)
                 image_l = decode_image(rec.image_l, source=where, row=rec.row)
