@@ -62,7 +62,8 @@ class DataConfig:
     split: str = _f("train", "Split name for datasets folders and hub ids.")
     caption_column: str = _f("caption", "Column holding the prompt.")
     score_column: str | None = _f(None, "Per-image reward columns read with each pair and oriented with it (objectives gapo and rwr need them): a base name 'score' -> columns score_0/score_1 (the world's pairs parquet: score = oracle overall, or color, shape, background, layout), or two names 'col_a,col_b' for jpg_0/jpg_1. null = no scores.")
-    resolution: int = _f(512, "Training resolution in pixels (square).")
+    resolution: int = _f(512, "Training resolution in pixels (square), or the height when data.width is set.")
+    width: int | None = _f(None, "Output width in pixels for non-square training (video recipes: resolution 480, width 832); each image/clip is resized to just cover resolution x width, then cropped. null = square.")
     center_crop: bool = _f(False, "Center crop instead of a random crop (the same crop for both images of a pair).")
     random_flip: bool = _f(True, "Random horizontal flip (the same flip for both images of a pair).")
     prompt_dropout: float = _f(0.0, "Probability of training a pair with the empty prompt (CFG support).")
@@ -293,6 +294,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("train.batch_size, train.gradient_accumulation_steps and train.max_steps must be >= 1")
     if not 0.0 <= cfg.data.prompt_dropout <= 1.0:
         raise ConfigError(f"data.prompt_dropout must lie in [0, 1], got {cfg.data.prompt_dropout}")
+    if cfg.data.width is not None and (isinstance(cfg.data.width, bool) or int(cfg.data.width) < 1):
+        raise ConfigError(f"data.width must be a positive number of pixels or null, got {cfg.data.width!r}")
     if cfg.data.num_frames is not None and (isinstance(cfg.data.num_frames, bool) or int(cfg.data.num_frames) < 1):
         raise ConfigError(f"data.num_frames must be a positive integer or null, got {cfg.data.num_frames!r}")
     if not (isinstance(cfg.data.fps, (int, float)) and not isinstance(cfg.data.fps, bool) and cfg.data.fps > 0):

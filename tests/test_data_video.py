@@ -125,6 +125,28 @@ def test_video_pairs_share_one_crop_and_flip_over_all_frames(clips, tmp_path):
     assert batch["pixels_w"].shape == (2, 3, 5, 16, 16) and batch["pixels_w"].min() >= -1 and batch["pixels_w"].max() <= 1
 
 
+def test_non_square_output_covers_then_crops_every_frame_alike(clips):
+    _, c, a, b = clips
+    t = JointTransform(16, center_crop=False, random_flip=True, width=20)  # 16x24 clips: no resize, crop 16x20
+    lefts = set()
+    for seed in range(8):
+        fw = decode_video(str(c["a10.mp4"]), source="t", row=0, num_frames=5, fps=10.0)
+        fl = decode_video(str(c["b10.gif"]), source="t", row=0, num_frames=5, fps=10.0)
+        pw, pl, meta = t.videos(fw, fl, torch.Generator().manual_seed(seed))
+        assert pw.shape == pl.shape == (3, 5, 16, 20)
+        top, left = meta.crop_top_left
+        assert top == 0
+        lefts.add(left)
+        for raw, pix in ((a[:5], pw), (b[:5], pl)):
+            got = ((pix.permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+            ref = raw[:, :, ::-1] if meta.flipped else raw
+            np.testing.assert_array_equal(got, ref[:, :, left:left + 20])
+    assert len(lefts) > 1
+    # downscaling covers the target: 16x24 -> scale max(8/16, 10/24) = 0.5 -> 8x12, then a 8x10 crop
+    pw, _, _ = JointTransform(8, center_crop=True, random_flip=False, width=10).videos(a[:2], b[:2], torch.Generator())
+    assert pw.shape == (3, 2, 8, 10)
+
+
 # --------------------------------------------------------------------------- VideoAlign CSV
 
 def write_videoalign(path: Path, rows: list[dict], extra=()) -> Path:
@@ -294,6 +316,8 @@ def test_wan_video_cache_round_trip_and_refused_when_video_settings_change(clips
         check_manifest(cfg.cache.dir, _wan_cfg(tiny_model, tmp_path, path, "data.num_frames=9"))
     with pytest.raises(CacheMismatchError, match=r"data\.fps: cache has 10\.0, config wants 8\.0"):
         check_manifest(cfg.cache.dir, _wan_cfg(tiny_model, tmp_path, path, "data.fps=8"))
+    with pytest.raises(CacheMismatchError, match=r"data\.width: cache has None, config wants 32"):
+        check_manifest(cfg.cache.dir, _wan_cfg(tiny_model, tmp_path, path, "data.width=32"))
 
 
 def test_wan_trains_three_steps_on_a_videoalign_csv_of_four_video_pairs(clips, tiny_model, tmp_path):
@@ -307,12 +331,14 @@ def test_wan_trains_three_steps_on_a_videoalign_csv_of_four_video_pairs(clips, t
         {"path_A": "b10.mp4", "path_B": "a10.mp4", "prompt": "four", "VQ": "B", "MQ": "B"},
         {"path_A": "b10.mp4", "path_B": "a10.mp4", "prompt": "tie", "VQ": "B", "MQ": "A"},
     ])
-    trainer = Trainer(_wan_cfg(tiny_model, tmp_path, path, "data.random_flip=true", "data.center_crop=false"),
-                      show_progress=False)
+    # non-square (16 x 32: the 16x24 clips are upscaled to cover it) with random crop and flip
+    trainer = Trainer(_wan_cfg(tiny_model, tmp_path, path, "data.random_flip=true", "data.center_crop=false",
+                               "data.width=32"), show_progress=False)
     trainer.setup()
     assert trainer.data_counts == {"rows": 5, "pairs": 4, "ties_dropped": 1, "skipped": 0}
     batch = next(trainer._loader(0))
-    assert batch["pixels_w"].shape == (2, 3, 5, 16, 16)
+    assert batch["pixels_w"].shape == (2, 3, 5, 16, 32)
+    assert trainer.adapter.encode_images(batch["pixels_w"]).shape == (2, 16, 2, 2, 4)
     result = trainer.train()
     assert result.steps == 3
     assert all(math.isfinite(h["loss"]) for h in result.history)

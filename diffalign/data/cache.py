@@ -78,6 +78,7 @@ def expected_manifest_keys(cfg: RunConfig) -> dict[str, Any]:
         "model.vae": cfg.model.vae,
         "model.max_sequence_length": cfg.model.max_sequence_length,
         "data.resolution": cfg.data.resolution,
+        "data.width": cfg.data.width,  # None (square) is also what caches written before it hold
         "data.center_crop": cfg.data.center_crop,
         "data.random_flip": cfg.data.random_flip,
         "data.path": cfg.data.path,

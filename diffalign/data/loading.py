@@ -31,6 +31,6 @@ def dataset_for(data: DataConfig, source, seed: int):
     from diffalign.data.preference import PreferencePairDataset
     from diffalign.data.transforms import JointTransform
 
-    return PreferencePairDataset(source, JointTransform(data.resolution, data.center_crop, data.random_flip),
+    return PreferencePairDataset(source, JointTransform(data.resolution, data.center_crop, data.random_flip, width=data.width),
                                  seed=seed, on_error=data.on_error, num_frames=data.num_frames,
                                  fps=data.fps if data.num_frames is not None else None)

@@ -7,7 +7,9 @@ Conventions (shared with the latent cache and the SDXL micro-conditioning):
   horizontal flip of the whole resized image -> square crop; ``crop_top_left`` is therefore in the
   coordinates of the resized, possibly mirrored image, exactly what diffusers' SDXL scripts feed as
   ``crops_coords_top_left``;
-* output tensors are float32 ``[3, R, R]`` in ``[-1, 1]`` (uint8 ``v`` -> ``v / 127.5 - 1``);
+* output tensors are float32 ``[3, R, R]`` in ``[-1, 1]`` (uint8 ``v`` -> ``v / 127.5 - 1``); with ``width``
+  set the output is ``[3, R, width]`` (R = height) and the resize scales each image to just cover R x width
+  (video recipes, e.g. Wan's 480 x 832);
 * every random decision comes from the ``torch.Generator`` passed in, so a pair's augmentation is a
   pure function of ``(seed, index, epoch)`` via :func:`pair_generator` (resume-exact, and identical
   across DataLoader worker counts).
@@ -71,22 +73,31 @@ class JointTransform:
         center_crop: centre crop instead of a random crop. With two differently sized images the
             shared offset is the centre of the range valid for both.
         random_flip: flip both images horizontally with probability 1/2 (one decision per pair).
+        width: output width for a non-square output of height ``resolution``; None = square.
     """
 
-    def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = True) -> None:
+    def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = True,
+                 width: int | None = None) -> None:
         if int(resolution) <= 0:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution!r}")
+        if width is not None and int(width) <= 0:
+            raise ValueError(f"width must be a positive number of pixels or None, got {width!r}")
         self.resolution = int(resolution)
+        self.width = None if width is None or int(width) == self.resolution else int(width)
         self.center_crop = bool(center_crop)
         self.random_flip = bool(random_flip)
 
     def __repr__(self) -> str:
         return (f"JointTransform(resolution={self.resolution}, center_crop={self.center_crop}, "
-                f"random_flip={self.random_flip})")
+                f"random_flip={self.random_flip}" + (f", width={self.width})" if self.width else ")"))
 
     def _resize(self, img: Image.Image) -> Image.Image:
         h, w = img.height, img.width
-        nh, nw = _resized_size(h, w, self.resolution)
+        if self.width is None:
+            nh, nw = _resized_size(h, w, self.resolution)
+        else:  # the smallest scale that covers resolution x width; the other side truncated, never below target
+            scale = max(self.resolution / h, self.width / w)
+            nh, nw = max(self.resolution, int(h * scale)), max(self.width, int(w * scale))
         if (nh, nw) == (h, w):
             return img  # no resampling at all when the size already fits: keeps pixels exact
         # PIL's BILINEAR widens its kernel when downscaling, i.e. it is antialiased.
@@ -94,13 +105,13 @@ class JointTransform:
 
     def _plan(self, sizes: list[tuple[int, int]], generator: torch.Generator) -> tuple[bool, int, int]:
         """(flipped, top, left) shared by every image, from resized (h, w) sizes; draws flip, then top, then left."""
-        R = self.resolution
+        R, Wd = self.resolution, self.width or self.resolution
         flipped = False
         if self.random_flip:
             flipped = bool(torch.rand((), generator=generator).item() < 0.5)
         # One offset valid for all images: the smallest of the offset ranges.
         max_top = min(h - R for h, _ in sizes)
-        max_left = min(w - R for _, w in sizes)
+        max_left = min(w - Wd for _, w in sizes)
         if self.center_crop:
             top, left = int(round(max_top / 2.0)), int(round(max_left / 2.0))
         else:
@@ -109,10 +120,10 @@ class JointTransform:
         return flipped, top, left
 
     def _apply(self, img: Image.Image, flipped: bool, top: int, left: int) -> Image.Image:
-        R = self.resolution
+        R, Wd = self.resolution, self.width or self.resolution
         if flipped:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return img.crop((left, top, left + R, top + R))
+        return img.crop((left, top, left + Wd, top + R))
 
     def __call__(self, image_w: Image.Image, image_l: Image.Image,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, PairMeta]:
