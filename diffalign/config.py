@@ -62,7 +62,8 @@ class DataConfig:
     split: str = _f("train", "Split name for datasets folders and hub ids.")
     caption_column: str = _f("caption", "Column holding the prompt.")
     score_column: str | None = _f(None, "Per-image reward columns read with each pair and oriented with it (objectives gapo and rwr need them): a base name 'score' -> columns score_0/score_1 (the world's pairs parquet: score = oracle overall, or color, shape, background, layout), or two names 'col_a,col_b' for jpg_0/jpg_1. null = no scores.")
-    resolution: int = _f(512, "Training resolution in pixels (square).")
+    resolution: int = _f(512, "Training resolution in pixels (square), or the height when data.width is set.")
+    width: int | None = _f(None, "Output width in pixels for non-square training (video recipes: resolution 480, width 832); each image/clip is resized to just cover resolution x width, then cropped. null = square.")
     center_crop: bool = _f(False, "Center crop instead of a random crop (the same crop for both images of a pair).")
     random_flip: bool = _f(True, "Random horizontal flip (the same flip for both images of a pair).")
     prompt_dropout: float = _f(0.0, "Probability of training a pair with the empty prompt (CFG support).")
@@ -70,6 +71,9 @@ class DataConfig:
     on_error: str = _f("raise", "Bad rows (corrupt image, missing file, bad label): 'raise' naming the row, or 'skip' and count.")
     max_pairs: int | None = _f(None, "Use only the first N rows of the source.")
     num_workers: int = _f(0, "DataLoader worker processes for on-the-fly decoding.")
+    num_frames: int | None = _f(None, "Video pairs (rows pointing at .mp4/.gif/.webm/... files): frames per clip, the first num_frames frames on screen at times k / data.fps (sampled BY TIME from the file's real frame rate). Pixels are then [3, F, R, R]. Wan needs num_frames - 1 divisible by 4 (5, 9, 81). A clip shorter than num_frames / fps seconds is a bad row. null = image pairs (a video file is then an error).")
+    fps: float = _f(16.0, "Video pairs: the model's frame rate; frames are taken at times k / fps whatever the file's own rate (Wan 2.1: 16).")
+    dimension_weights: dict | None = _f(None, "VideoAlign CSV (columns path_A, path_B, prompt, VQ, MQ, TA with A/B/same) for DPO: the winner is A when sum_d w_d * (+1 A, -1 B, 0 same/missing) > 0, B when < 0; 0 is a tie (dropped and counted, or an error with data.ties=error). {dim: weight}; null = {VQ: 1, MQ: 1, TA: 1}.")
 
 
 @dataclass
@@ -290,6 +294,17 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("train.batch_size, train.gradient_accumulation_steps and train.max_steps must be >= 1")
     if not 0.0 <= cfg.data.prompt_dropout <= 1.0:
         raise ConfigError(f"data.prompt_dropout must lie in [0, 1], got {cfg.data.prompt_dropout}")
+    if cfg.data.width is not None and (isinstance(cfg.data.width, bool) or int(cfg.data.width) < 1):
+        raise ConfigError(f"data.width must be a positive number of pixels or null, got {cfg.data.width!r}")
+    if cfg.data.num_frames is not None and (isinstance(cfg.data.num_frames, bool) or int(cfg.data.num_frames) < 1):
+        raise ConfigError(f"data.num_frames must be a positive integer or null, got {cfg.data.num_frames!r}")
+    if not (isinstance(cfg.data.fps, (int, float)) and not isinstance(cfg.data.fps, bool) and cfg.data.fps > 0):
+        raise ConfigError(f"data.fps must be a positive number, got {cfg.data.fps!r}")
+    if cfg.data.dimension_weights is not None:
+        w = cfg.data.dimension_weights
+        if not isinstance(w, dict) or not w or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in w.values()):
+            raise ConfigError(f"data.dimension_weights must be a non-empty mapping {{dimension: number}}, got {w!r}")
     if cfg.objective.beta <= 0:
         raise ConfigError(f"objective.beta must be > 0, got {cfg.objective.beta}")
     o = cfg.objective

@@ -78,6 +78,7 @@ def expected_manifest_keys(cfg: RunConfig) -> dict[str, Any]:
         "model.vae": cfg.model.vae,
         "model.max_sequence_length": cfg.model.max_sequence_length,
         "data.resolution": cfg.data.resolution,
+        "data.width": cfg.data.width,  # None (square) is also what caches written before it hold
         "data.center_crop": cfg.data.center_crop,
         "data.random_flip": cfg.data.random_flip,
         "data.path": cfg.data.path,
@@ -88,6 +89,11 @@ def expected_manifest_keys(cfg: RunConfig) -> dict[str, Any]:
         "data.identity": data_identity(data_path, cfg.data.split),
         # absent from caches written before scores existed: get() gives None there, which equals the default
         "data.score_column": cfg.data.score_column,
+        # video settings; None for image runs, which is also what caches written before video data hold
+        "data.num_frames": cfg.data.num_frames,
+        "data.fps": float(cfg.data.fps) if cfg.data.num_frames is not None else None,
+        "data.dimension_weights": ({str(k): float(v) for k, v in cfg.data.dimension_weights.items()}
+                                   if cfg.data.dimension_weights is not None else None),
     }
 
 
@@ -106,8 +112,13 @@ def check_manifest(cache_dir: str | Path, cfg: RunConfig) -> dict:
     diffs = [f"  {k}: cache has {have.get(k)!r}, config wants {v!r}" for k, v in want.items() if have.get(k) != v]
     if diffs:
         hint = ""
+        video_keys = [k for k in ("data.num_frames", "data.fps") if have.get(k) != want[k]]
+        if video_keys:
+            hint += ("\nThe cache was built with other video settings (" + ", ".join(
+                f"{k}={have.get(k)!r}" for k in video_keys) + "; this run wants " + ", ".join(
+                f"{k}={want[k]!r}" for k in video_keys) + "): latents of other clips cannot be reused.")
         if have.get("data.score_column") != want["data.score_column"]:
-            hint = ("\nThe cache was built " + ("without per-image scores" if have.get("data.score_column") is None
+            hint += ("\nThe cache was built " + ("without per-image scores" if have.get("data.score_column") is None
                                                  else f"with data.score_column={have.get('data.score_column')!r}")
                     + (f"; this run reads scores from data.score_column={want['data.score_column']!r} (objectives "
                        "gapo and rwr need them): rebuild the cache with that setting."
@@ -125,17 +136,15 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
     Written to a temporary sibling folder and renamed into place, so an interrupted run leaves no
     half-cache behind. Returns the manifest.
     """
-    from diffalign.data.loading import load_source_for
-    from diffalign.data.preference import PreferencePairDataset, collate_pairs, score_columns_from
-    from diffalign.data.transforms import JointTransform
+    from diffalign.data.loading import dataset_for, load_source_for
+    from diffalign.data.preference import collate_pairs, score_columns_from
     from diffalign.models.base import DTYPES
 
     out_dir = Path(out_dir or cfg.cache.dir or "")
     if not str(out_dir):
         raise ValueError("no cache folder: set cache.dir=PATH")
     source = load_source_for(cfg.data)
-    dataset = PreferencePairDataset(source, JointTransform(cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip),
-                                    seed=0, on_error=cfg.data.on_error)
+    dataset = dataset_for(cfg.data, source, seed=0)
     store = DTYPES[cfg.cache.dtype]
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -169,7 +178,7 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
             item = dataset[(i, 0)]
             if item is None:
                 rec = source.records[i]
-                skipped_decode.append((rec.row, "corrupt or unreadable image"))
+                skipped_decode.append((rec.row, "corrupt, unreadable or too short image/video"))
             items.append(item)
         bar.update(len(items))
         batch = collate_pairs(items)

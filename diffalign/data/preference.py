@@ -18,6 +18,20 @@ Conventions:
 * Bad rows (bad label, empty image, missing file, missing caption, corrupt image) raise a
   :class:`DataError` naming the source and the row (``on_error='raise'``), or are skipped and
   counted in :attr:`SourceCounts.skipped` (``on_error='skip'``). Nothing bad is used silently.
+* Video pairs: when a row's media are video files (.mp4/.gif/.webm/..., any of the formats above), the
+  dataset needs ``num_frames`` and ``fps`` (``data.num_frames``/``data.fps``): each clip is decoded at its
+  real frame rate (``diffalign.rewards.media.load_video``) and the first ``num_frames`` frames on screen at
+  times k / fps are kept, so a 10 fps and a 30 fps file of the same motion give the same frames. A clip
+  shorter than num_frames / fps seconds, an unreadable video, a missing file, or a pair mixing an image
+  and a video is a bad row (DataError naming the file and the row, or counted under on_error=skip).
+* VideoAlign CSVs (a .csv whose header has ``path_A`` and ``path_B``; see
+  ``diffalign.rewards.data.read_videoalign_csv``, which parses them) become DPO pairs by a combination
+  rule: score = sum_d w_d * (+1 A, -1 B, 0 same or missing) with ``dimension_weights`` (default VQ = MQ =
+  TA = 1); score > 0 -> A won, < 0 -> B won, 0 -> a tie (dropped and counted, or an error with
+  ties='error'). Optional ``fps_A``/``fps_B`` override a file's own frame rate; an optional ``num_frames``
+  column is the frame count both clips must have (checked when the pair is decoded: a different count is a
+  "length mismatch" naming the file and the row). Relative paths resolve against the CSV's folder. Video
+  media are file paths; encoded video bytes inside a parquet are not supported.
 """
 from __future__ import annotations
 
@@ -62,6 +76,9 @@ class PairRecord:
     image_l: bytes | str
     score_w: float | None = None  # reward of the winner / loser (data.score_column); None when not read
     score_l: float | None = None
+    fps_w: float | None = None  # video pairs: frame-rate override of the winner / loser file (VideoAlign fps_A/B)
+    fps_l: float | None = None
+    source_frames: int | None = None  # video pairs: the frame count both files must have (VideoAlign num_frames)
 
 
 @dataclass
@@ -172,6 +189,60 @@ def decode_image(ref: bytes | str, *, source: str, row: int) -> Image.Image:
         raise DataError(f"{source}: row {row}: {p.reason}. {hint}") from None
 
 
+def is_video_ref(ref: Any) -> bool:
+    """True for a file path whose suffix is a video format (.mp4, .gif, .webm, ...; see rewards.media)."""
+    from diffalign.rewards.media import VIDEO_SUFFIXES
+
+    return isinstance(ref, str) and Path(ref).suffix.lower() in VIDEO_SUFFIXES
+
+
+def _decode_video(ref: bytes | str, num_frames: int, fps: float, file_fps: float | None = None,
+                  source_frames: int | None = None):
+    """uint8 [num_frames, H, W, 3]: the frames on screen at t_k = k / fps, k < num_frames (raises _ImageProblem).
+    ``source_frames``: the file must hold exactly that many frames (at its own constant rate)."""
+    from diffalign.rewards.media import MediaError, frame_indices_by_time, load_video, to_uint8_frames
+
+    if not isinstance(ref, str):
+        raise _ImageProblem(f"a video must be a file path, got {type(ref).__name__}")
+    if not os.path.isfile(ref):
+        raise _ImageProblem(f"file not found: {ref}")
+    try:
+        if file_fps is None and source_frames is None:
+            frames, _ = load_video(ref, target_fps=fps)  # subsampled before the float conversion: small
+        else:  # decode every frame: to count them, or to sample by time at the rate the row gives
+            frames, real = load_video(ref)
+            if source_frames is not None and len(frames) != source_frames:
+                raise _ImageProblem(f"length mismatch: {ref} has {len(frames)} frames at {real:g} fps, the row's "
+                                    f"num_frames says {source_frames}")
+            idx, _ = frame_indices_by_time(len(frames), real if file_fps is None else file_fps, target_fps=fps)
+            frames = frames[idx]
+    except _ImageProblem:
+        raise
+    except MediaError as exc:
+        raise _ImageProblem(f"corrupt or unreadable video ({exc})") from None
+    except Exception as exc:  # anything else a decoder throws also means "cannot read"
+        raise _ImageProblem(f"corrupt or unreadable video {ref} ({type(exc).__name__}: {exc})") from None
+    if len(frames) < num_frames:
+        raise _ImageProblem(
+            f"video too short: {ref} lasts {len(frames)} frame(s) at data.fps={fps:g} ({len(frames) / fps:.3f} s), "
+            f"data.num_frames={num_frames} needs {num_frames / fps:.3f} s; lower data.num_frames, raise data.fps "
+            "or drop the clip")
+    return to_uint8_frames(frames[:num_frames])
+
+
+def decode_video(ref: bytes | str, *, source: str, row: int, num_frames: int, fps: float,
+                 file_fps: float | None = None, source_frames: int | None = None):
+    """A video file as uint8 ``[num_frames, H, W, 3]``, sampled by time at ``fps`` from its real frame rate
+    (``file_fps`` overrides the file's own rate). Raises :class:`DataError` naming ``source``, ``row`` and the file."""
+    try:
+        return _decode_video(ref, num_frames, fps, file_fps, source_frames)
+    except _ImageProblem as p:
+        hint = _FIX
+        if p.reason.startswith("file not found"):
+            hint = "Relative paths in .jsonl/.csv files resolve against that file's folder. " + _FIX
+        raise DataError(f"{source}: row {row}: {p.reason}. {hint}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Row rules, shared by every format
 
@@ -271,6 +342,48 @@ class _Builder:
         _hash_field(self.hash, b"R", row.to_bytes(8, "little"))
         _hash_field(self.hash, b"Z", raw.encode("utf-8", "replace"))
         self._bad(row, reason)
+
+    def add_scored(self, row: int, caption: Any, score: float | None, path_a: Any, path_b: Any,
+                   base_dir: Path | None, fps: tuple[float | None, float | None], labels: str,
+                   source_frames: Any = None) -> None:
+        """One VideoAlign row (``row`` = its 0-based row in the CSV) with its combined score; None or 0 = tie.
+        ``labels`` is the row's raw labels, for the fingerprint and messages."""
+        self.counts.rows = max(self.counts.rows, row + 1)
+        h = self.hash
+        _hash_field(h, b"R", row.to_bytes(8, "little"))
+        _hash_field(h, b"C", repr(caption).encode("utf-8", "replace"))
+        _hash_field(h, b"V", f"{labels}\0{fps!r}\0{source_frames!r}".encode())
+        ref_a, why_a = _resolve_image(path_a, base_dir, h)
+        ref_b, why_b = _resolve_image(path_b, base_dir, h)
+        if not score:
+            if self.ties == "error":
+                raise DataError(f"{self._where(row)}: row {row}: tie (combined score 0 over {labels}): a tie carries "
+                                "no preference. Change data.dimension_weights, remove the row, or set data.ties=drop "
+                                "to drop ties (they are counted).")
+            self.counts.ties_dropped += 1
+            return None
+        if why_a is not None:
+            return self._bad(row, f"path_A: {why_a}")
+        if why_b is not None:
+            return self._bad(row, f"path_B: {why_b}")
+        frames = None
+        if source_frames is not None and str(source_frames).strip().lower() not in ("", "nan", "none", "null", "-"):
+            try:
+                frames = int(str(source_frames).strip())
+            except ValueError:
+                frames = 0
+            if frames < 1 or str(frames) != str(source_frames).strip():
+                return self._bad(row, f"num_frames: {source_frames!r} is not a positive whole number of frames "
+                                      "(leave it empty to not check the clips' lengths)")
+        if is_video_ref(ref_a) != is_video_ref(ref_b):
+            return self._bad(row, f"path_A and path_B must both be videos or both images, got {ref_a} and {ref_b}")
+        if score > 0:
+            w, l, fw, fl = ref_a, ref_b, fps[0], fps[1]
+        else:
+            w, l, fw, fl = ref_b, ref_a, fps[1], fps[0]
+        self.records.append(PairRecord(row=row, caption=str(caption), image_w=w, image_l=l, fps_w=fw, fps_l=fl,
+                                       source_frames=frames))
+        self.counts.pairs += 1
 
     def add(self, caption: Any, label_0: Any, label_1: Any, image_0: Any, image_1: Any,
             image_columns: tuple[str, str], base_dir: Path | None,
@@ -493,6 +606,49 @@ def _load_jsonl(b: _Builder, file: Path, caption_column: str) -> None:
                         f"(or image_0/image_1) paths, label_0 and {caption_column!r}.")
 
 
+DEFAULT_DIMENSION_WEIGHTS = {"VQ": 1.0, "MQ": 1.0, "TA": 1.0}
+
+
+def _load_videoalign_csv(b: _Builder, file: Path, weights: dict[str, float] | None) -> None:
+    """A VideoAlign CSV (path_A, path_B, prompt, per-dimension A/B/same) -> pairs by the weighted combination rule.
+
+    Parsing (columns, labels, fps_A/fps_B, prompts) is :func:`diffalign.rewards.data.read_videoalign_csv`'s; missing
+    files are checked here so that on_error=skip can count them.
+    """
+    from diffalign.rewards.data import read_videoalign_csv
+
+    weights = dict(DEFAULT_DIMENSION_WEIGHTS if weights is None else weights)
+    dims = tuple(weights)
+    w = torch.tensor([float(weights[d]) for d in dims], dtype=torch.float64)
+    pairs = read_videoalign_csv(file, dims, check_files=False)
+    with open(file, encoding="utf-8-sig", newline="") as fh:  # the optional num_frames column (lengths are checked)
+        declared = [rec.get("num_frames") for rec in csv.DictReader(fh)]
+    labels = pairs.labels.to(torch.float64) * pairs.mask
+    scores = (labels * w).sum(dim=1)
+    by_row = {row: i for i, row in enumerate(pairs.rows)}
+    total = len(pairs) + pairs.dropped_unlabelled
+    for row in range(total):
+        if b.full:
+            return
+        i = by_row.get(row)
+        if i is None:  # every label missing: no preference (read_videoalign_csv dropped it)
+            b.add_scored(row, None, None, None, None, None, (None, None), "no labels")
+            continue
+        names = {1: "A", -1: "B", 0: "same"}
+        raw = ", ".join(f"{d}={names[int(pairs.labels[i, j])] if pairs.mask[i, j] else 'missing'}"
+                        for j, d in enumerate(dims))
+        score = float(scores[i])
+        b.add_scored(row, pairs.prompts[i], 0.0 if abs(score) < 1e-9 else score, pairs.paths_a[i], pairs.paths_b[i],
+                     None, (pairs.fps_a[i], pairs.fps_b[i]), raw,
+                     declared[row] if row < len(declared) else None)
+
+
+def _is_videoalign_csv(file: Path) -> bool:
+    with open(file, encoding="utf-8-sig", newline="") as fh:
+        header = next(csv.reader(fh), None) or []
+    return "path_A" in header and "path_B" in header
+
+
 def _load_csv(b: _Builder, file: Path, caption_column: str) -> None:
     with open(file, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
@@ -543,7 +699,8 @@ def _looks_local(spec: str) -> bool:
 def load_preference_source(path: str, *, split: str = "train", caption_column: str = "caption",
                            ties: str = "drop", on_error: str = "raise", max_pairs: int | None = None,
                            cache_root: str | Path | None = None,
-                           score_columns: tuple[str, str] | None = None) -> PreferenceSource:
+                           score_columns: tuple[str, str] | None = None,
+                           dimension_weights: dict[str, float] | None = None) -> PreferenceSource:
     """Read a preference source into oriented pairs (see the module docstring for the rules).
 
     ``path`` may be a ``.parquet`` file or a folder of them (Pick-a-Pic: ``jpg_0``, ``jpg_1`` bytes or
@@ -553,6 +710,8 @@ def load_preference_source(path: str, *, split: str = "train", caption_column: s
     :func:`default_cache_root`), or otherwise a hub dataset id (``datasets.load_dataset``).
     ``max_pairs`` keeps the first N usable pairs and stops reading there. ``score_columns`` (slot 0, slot 1)
     reads a reward per image into ``PairRecord.score_w``/``score_l`` (see :func:`score_columns_from`).
+    A .csv whose header has ``path_A``/``path_B`` is read as a VideoAlign CSV with the combination rule
+    ``dimension_weights`` (see the module docstring).
     """
     if ties not in ("drop", "error"):
         raise DataError(f"data.ties must be 'drop' or 'error', got {ties!r}")
@@ -592,7 +751,13 @@ def load_preference_source(path: str, *, split: str = "train", caption_column: s
         elif suffix == ".jsonl":
             _load_jsonl(b, p, caption_column)
         elif suffix == ".csv":
-            _load_csv(b, p, caption_column)
+            if _is_videoalign_csv(p):
+                if score_columns is not None:
+                    raise DataError(f"{spec}: a VideoAlign CSV has per-dimension labels, not per-video scores; "
+                                    "data.score_column does not apply to it (set it to null).")
+                _load_videoalign_csv(b, p, dimension_weights)
+            else:
+                _load_csv(b, p, caption_column)
         else:
             raise DataError(f"{spec}: unsupported file type {suffix or '(no suffix)'!r}; use .parquet, .jsonl or "
                             ".csv, a folder of parquet files, or a datasets save_to_disk folder.")
@@ -620,8 +785,10 @@ def _load_hub(b: _Builder, spec: str, split: str, caption_column: str) -> None:
     _read_dataset(b, ds, caption_column, None)
 
 
-def validate_images(source: PreferenceSource, on_error: str = "raise") -> PreferenceSource:
-    """Decode every image of ``source``; bad pairs raise (naming the row) or are skipped and counted.
+def validate_images(source: PreferenceSource, on_error: str = "raise", num_frames: int | None = None,
+                    fps: float | None = None) -> PreferenceSource:
+    """Decode every image (or video, with ``num_frames``/``fps`` as in :class:`PreferencePairDataset`) of
+    ``source``; bad pairs raise (naming the row) or are skipped and counted.
 
     Returns a new source without the bad pairs; its fingerprint changes only if pairs were removed.
     """
@@ -632,9 +799,15 @@ def validate_images(source: PreferenceSource, on_error: str = "raise") -> Prefer
     removed: list[int] = []
     for rec in source.records:
         try:
-            for role, ref in (("winner", rec.image_w), ("loser", rec.image_l)):
+            for role, ref, file_fps in (("winner", rec.image_w, rec.fps_w), ("loser", rec.image_l, rec.fps_l)):
                 try:
-                    _decode(ref)
+                    if is_video_ref(ref):
+                        if num_frames is None or fps is None:
+                            raise DataError(f"{source.describe(rec.row)}: row {rec.row}: {ref} is a video; give "
+                                            "num_frames and fps (data.num_frames, data.fps) to validate video pairs")
+                        _decode_video(ref, int(num_frames), float(fps), file_fps, rec.source_frames)
+                    else:
+                        _decode(ref)
                 except _ImageProblem as p:
                     raise _ImageProblem(f"{role} image: {p.reason}") from None
         except _ImageProblem as p:
@@ -671,15 +844,21 @@ class PreferencePairDataset(torch.utils.data.Dataset):
     (float ``[3, R, R]`` in [-1, 1]), ``caption``, ``row`` and the SDXL micro-conditioning
     ``original_size_w``/``original_size_l``/``crop_top_left`` (LongTensor[2], (h, w) / (top, left)), and
     ``score_w``/``score_l`` (float32 scalars) when the source carries per-image scores.
-    Augmentation is seeded by :func:`pair_generator` ``(seed, i, epoch)``. A pair whose image does not
-    decode raises :class:`DataError` (``on_error='raise'``) or gives ``None`` (``'skip'``), which
+    Augmentation is seeded by :func:`pair_generator` ``(seed, i, epoch)``. Video pairs (``num_frames`` set and
+    video files) give ``pixels_w``/``pixels_l`` float ``[3, F, R, R]``: F = ``num_frames`` frames sampled by time at
+    ``fps`` (:func:`decode_video`), every frame of both clips with the same crop and flip
+    (:meth:`JointTransform.videos`). A pair whose image or video does not decode raises :class:`DataError` (``on_error='raise'``) or gives ``None`` (``'skip'``), which
     :func:`collate_pairs` drops and counts.
     """
 
     def __init__(self, source: PreferenceSource, transform: JointTransform, seed: int = 0,
-                 on_error: str = "raise") -> None:
+                 on_error: str = "raise", num_frames: int | None = None, fps: float | None = None) -> None:
         if on_error not in ("raise", "skip"):
             raise DataError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+        if num_frames is not None and (int(num_frames) < 1 or fps is None or not float(fps) > 0):
+            raise DataError(f"video pairs need data.num_frames >= 1 and data.fps > 0, got {num_frames!r} and {fps!r}")
+        self.num_frames = None if num_frames is None else int(num_frames)
+        self.fps = None if fps is None else float(fps)
         self.source = source
         self.transform = transform
         self.seed = int(seed)
@@ -698,15 +877,32 @@ class PreferencePairDataset(torch.utils.data.Dataset):
             raise IndexError(f"pair index {index} out of range for {n} pairs")
         rec = self.source.records[index]
         where = self.source.describe(rec.row)
+        video_w, video_l = is_video_ref(rec.image_w), is_video_ref(rec.image_l)
+        if video_w and self.num_frames is None:  # a config problem, not a bad row: never skipped
+            raise DataError(f"{where}: row {rec.row}: {rec.image_w} is a video but data.num_frames is null; "
+                            "set data.num_frames (and data.fps) to train on video pairs.")
         try:
-            image_w = decode_image(rec.image_w, source=where, row=rec.row)
-            image_l = decode_image(rec.image_l, source=where, row=rec.row)
+            if video_w != video_l:
+                raise DataError(f"{where}: row {rec.row}: the winner is {'a video' if video_w else 'an image'} "
+                                f"({rec.image_w}) but the loser is {'a video' if video_l else 'an image'} "
+                                f"({rec.image_l}); both must be videos or both images. {_FIX}")
+            if video_w:
+                frames_w = decode_video(rec.image_w, source=where, row=rec.row, num_frames=self.num_frames,
+                                        fps=self.fps, file_fps=rec.fps_w, source_frames=rec.source_frames)
+                frames_l = decode_video(rec.image_l, source=where, row=rec.row, num_frames=self.num_frames,
+                                        fps=self.fps, file_fps=rec.fps_l, source_frames=rec.source_frames)
+            else:
+                image_w = decode_image(rec.image_w, source=where, row=rec.row)
+                image_l = decode_image(rec.image_l, source=where, row=rec.row)
         except DataError as exc:
             if self.on_error == "raise":
                 raise
             logger.warning("skipping pair (data.on_error=skip): %s", exc)
             return None
-        pixels_w, pixels_l, meta = self.transform(image_w, image_l, pair_generator(self.seed, index, epoch))
+        if video_w:
+            pixels_w, pixels_l, meta = self.transform.videos(frames_w, frames_l, pair_generator(self.seed, index, epoch))
+        else:
+            pixels_w, pixels_l, meta = self.transform(image_w, image_l, pair_generator(self.seed, index, epoch))
         return {
             "pixels_w": pixels_w,
             "pixels_l": pixels_l,

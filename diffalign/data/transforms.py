@@ -7,7 +7,9 @@ Conventions (shared with the latent cache and the SDXL micro-conditioning):
   horizontal flip of the whole resized image -> square crop; ``crop_top_left`` is therefore in the
   coordinates of the resized, possibly mirrored image, exactly what diffusers' SDXL scripts feed as
   ``crops_coords_top_left``;
-* output tensors are float32 ``[3, R, R]`` in ``[-1, 1]`` (uint8 ``v`` -> ``v / 127.5 - 1``);
+* output tensors are float32 ``[3, R, R]`` in ``[-1, 1]`` (uint8 ``v`` -> ``v / 127.5 - 1``); with ``width``
+  set the output is ``[3, R, width]`` (R = height) and the resize scales each image to just cover R x width
+  (video recipes, e.g. Wan's 480 x 832);
 * every random decision comes from the ``torch.Generator`` passed in, so a pair's augmentation is a
   pure function of ``(seed, index, epoch)`` via :func:`pair_generator` (resume-exact, and identical
   across DataLoader worker counts).
@@ -71,31 +73,61 @@ class JointTransform:
         center_crop: centre crop instead of a random crop. With two differently sized images the
             shared offset is the centre of the range valid for both.
         random_flip: flip both images horizontally with probability 1/2 (one decision per pair).
+        width: output width for a non-square output of height ``resolution``; None = square.
     """
 
-    def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = True) -> None:
+    def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = True,
+                 width: int | None = None) -> None:
         if int(resolution) <= 0:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution!r}")
+        if width is not None and int(width) <= 0:
+            raise ValueError(f"width must be a positive number of pixels or None, got {width!r}")
         self.resolution = int(resolution)
+        self.width = None if width is None or int(width) == self.resolution else int(width)
         self.center_crop = bool(center_crop)
         self.random_flip = bool(random_flip)
 
     def __repr__(self) -> str:
         return (f"JointTransform(resolution={self.resolution}, center_crop={self.center_crop}, "
-                f"random_flip={self.random_flip})")
+                f"random_flip={self.random_flip}" + (f", width={self.width})" if self.width else ")"))
 
     def _resize(self, img: Image.Image) -> Image.Image:
         h, w = img.height, img.width
-        nh, nw = _resized_size(h, w, self.resolution)
+        if self.width is None:
+            nh, nw = _resized_size(h, w, self.resolution)
+        else:  # the smallest scale that covers resolution x width; the other side truncated, never below target
+            scale = max(self.resolution / h, self.width / w)
+            nh, nw = max(self.resolution, int(h * scale)), max(self.width, int(w * scale))
         if (nh, nw) == (h, w):
             return img  # no resampling at all when the size already fits: keeps pixels exact
         # PIL's BILINEAR widens its kernel when downscaling, i.e. it is antialiased.
         return img.resize((nw, nh), Image.BILINEAR)
 
+    def _plan(self, sizes: list[tuple[int, int]], generator: torch.Generator) -> tuple[bool, int, int]:
+        """(flipped, top, left) shared by every image, from resized (h, w) sizes; draws flip, then top, then left."""
+        R, Wd = self.resolution, self.width or self.resolution
+        flipped = False
+        if self.random_flip:
+            flipped = bool(torch.rand((), generator=generator).item() < 0.5)
+        # One offset valid for all images: the smallest of the offset ranges.
+        max_top = min(h - R for h, _ in sizes)
+        max_left = min(w - Wd for _, w in sizes)
+        if self.center_crop:
+            top, left = int(round(max_top / 2.0)), int(round(max_left / 2.0))
+        else:
+            top = int(torch.randint(0, max_top + 1, (), generator=generator).item())
+            left = int(torch.randint(0, max_left + 1, (), generator=generator).item())
+        return flipped, top, left
+
+    def _apply(self, img: Image.Image, flipped: bool, top: int, left: int) -> Image.Image:
+        R, Wd = self.resolution, self.width or self.resolution
+        if flipped:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return img.crop((left, top, left + Wd, top + R))
+
     def __call__(self, image_w: Image.Image, image_l: Image.Image,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, PairMeta]:
         """Return ``(pixels_w [3,R,R], pixels_l [3,R,R], PairMeta)``; draws flip, then top, then left."""
-        R = self.resolution
         imgs = []
         for img in (image_w, image_l):
             if img.mode != "RGB":
@@ -103,24 +135,25 @@ class JointTransform:
             imgs.append(img)
         original = [(img.height, img.width) for img in imgs]
         imgs = [self._resize(img) for img in imgs]
-
-        flipped = False
-        if self.random_flip:
-            flipped = bool(torch.rand((), generator=generator).item() < 0.5)
-        if flipped:
-            imgs = [img.transpose(Image.FLIP_LEFT_RIGHT) for img in imgs]
-
-        # One offset valid for both images: the smaller of the two offset ranges.
-        max_top = min(img.height - R for img in imgs)
-        max_left = min(img.width - R for img in imgs)
-        if self.center_crop:
-            top, left = int(round(max_top / 2.0)), int(round(max_left / 2.0))
-        else:
-            top = int(torch.randint(0, max_top + 1, (), generator=generator).item())
-            left = int(torch.randint(0, max_left + 1, (), generator=generator).item())
-        imgs = [img.crop((left, top, left + R, top + R)) for img in imgs]
-
+        flipped, top, left = self._plan([(img.height, img.width) for img in imgs], generator)
+        imgs = [self._apply(img, flipped, top, left) for img in imgs]
         pixels_w, pixels_l = (_to_tensor(img) for img in imgs)
         meta = PairMeta(original_size_w=original[0], original_size_l=original[1],
                         crop_top_left=(top, left), flipped=flipped)
         return pixels_w, pixels_l, meta
+
+    def videos(self, frames_w: np.ndarray, frames_l: np.ndarray,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, PairMeta]:
+        """A video pair: uint8 ``[F, H, W, 3]`` each -> ``(pixels_w [3,F,R,R], pixels_l [3,F,R,R], PairMeta)``.
+
+        Every frame of BOTH videos gets the same resize rule, the same flip and the same crop offset
+        (one draw per pair, in the same order as for images), so motion and the pair's alignment are kept.
+        """
+        clips = [[Image.fromarray(np.ascontiguousarray(f)) for f in frames] for frames in (frames_w, frames_l)]
+        original = [(clip[0].height, clip[0].width) for clip in clips]
+        clips = [[self._resize(img) for img in clip] for clip in clips]
+        flipped, top, left = self._plan([(clip[0].height, clip[0].width) for clip in clips], generator)
+        out = [torch.stack([_to_tensor(self._apply(img, flipped, top, left)) for img in clip], dim=1) for clip in clips]
+        meta = PairMeta(original_size_w=original[0], original_size_l=original[1],
+                        crop_top_left=(top, left), flipped=flipped)
+        return out[0], out[1], meta

@@ -156,14 +156,11 @@ class Trainer:
             self.data_counts.pop("skipped_rows", None)
             self.data_source = f"cache {cfg.cache.dir}"
         else:
-            from diffalign.data.loading import load_source_for
-            from diffalign.data.preference import PreferencePairDataset, collate_pairs
-            from diffalign.data.transforms import JointTransform
+            from diffalign.data.loading import dataset_for, load_source_for
+            from diffalign.data.preference import collate_pairs
 
             source = load_source_for(cfg.data)
-            self.dataset = PreferencePairDataset(
-                source, JointTransform(cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip),
-                seed=cfg.train.seed, on_error=cfg.data.on_error)
+            self.dataset = dataset_for(cfg.data, source, seed=cfg.train.seed)
             self.collate = collate_pairs
             self.empty_text = None
             self.data_counts = {"rows": source.counts.rows, "pairs": len(source.records),
