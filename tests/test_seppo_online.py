@@ -236,3 +236,39 @@ def test_online_pairs_config_is_checked(make_cfg):
         make_cfg("sd15", "online.enabled=true", "online.num_samples=1")
     with pytest.raises(ConfigError, match="objective.name=dpo"):
         make_cfg("sd15", "online.enabled=true", "objective.name=kto")
+
+
+def test_online_pairs_from_a_cache_score_against_the_cached_captions(make_cfg, tmp_path):
+    """Cached batches carry their captions, so a reward that needs prompts (the world oracle, CLIP scores) works
+    with a latent cache; a batch without captions gets an error naming the cache and the fix."""
+    from diffalign.config import ConfigError
+    from diffalign.data.cache import build_cache
+    from diffalign.models import load_adapter
+    from diffalign.rewards.base import Reward
+    from diffalign.train.randomness import step_generator
+
+    class PromptAware(Reward):
+        name, dimensions, input_kind, needs_prompt = "prompt_aware", ("score",), "image", True
+
+        def __init__(self):
+            self.seen: list[str] = []
+
+        def score(self, inputs, prompts=None, **kw):
+            self.seen.extend(prompts)
+            return {"score": inputs.float().mean(dim=(1, 2, 3)) + torch.tensor([len(p) for p in prompts]).float()}
+
+    cfg = make_cfg("sd15", "online.enabled=true", "online.reward=brightness", "online.num_samples=2", "online.steps=2",
+                   "train.max_steps=1", "train.batch_size=2", f"cache.dir={tmp_path / 'cache'}")
+    build_cache(cfg, load_adapter(cfg.model), show_progress=False)
+    trainer = Trainer(cfg, show_progress=False)
+    trainer.setup()
+    reward = PromptAware()
+    trainer.pair_provider.reward, trainer.pair_provider.weights = reward, {"score": 1.0}
+    batch = next(trainer._loader(0))
+    assert isinstance(batch["caption"], list) and len(batch["caption"]) == 2
+    loss, _ = trainer.compute_loss(batch, step_generator(0, 0, 0))
+    assert torch.isfinite(loss)
+    assert reward.seen == [c for c in batch["caption"] for _ in range(2)]  # prompt-major, k samples per prompt
+    del batch["caption"]
+    with pytest.raises(ConfigError, match="carry no captions.*Rebuild it"):
+        trainer.compute_loss(batch, step_generator(0, 0, 0))

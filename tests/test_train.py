@@ -218,6 +218,7 @@ def test_cache_round_trip_matches_on_the_fly(make_cfg, tmp_path):
     fly.setup()
     b_cached, b_fly = next(cached._loader(0)), next(fly._loader(0))
     assert b_cached["row"] == b_fly["row"]
+    assert b_cached["caption"] == list(b_fly["caption"])  # online pair providers score against them
     loss_c, _ = cached.compute_loss(b_cached, step_generator(0, 0, 0))
     loss_f, _ = fly.compute_loss(b_fly, step_generator(0, 0, 0))
     assert loss_c.item() == pytest.approx(loss_f.item(), rel=1e-4)

@@ -38,6 +38,9 @@ FORMAT_VERSION = 1
 _CHUNK = 1 << 20
 
 
+CAPTIONS = "captions.json"
+
+
 class CacheMismatchError(ValueError):
     """The cache was built for a different model/data/preprocessing than the run asks for."""
 
@@ -155,6 +158,7 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
     shards: list[dict] = []
     buffer: dict[str, list[torch.Tensor]] = {}
     skipped_decode: list[tuple[int, str]] = []
+    captions: list[str] = []  # in cache order: online pair providers score their samples against them
     n_written = 0
 
     def flush(limit: int | None = None) -> None:
@@ -197,6 +201,7 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
         }
         for k, v in rows.items():
             buffer.setdefault(k, []).append(v)
+        captions.extend(batch["caption"])
         n_written += nb
         while buffer and sum(t.shape[0] for t in buffer["row"]) >= cfg.cache.shard_size:
             flush(cfg.cache.shard_size)
@@ -225,6 +230,7 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
         "shapes": shapes,
         "shards": shards,
     }
+    (tmp / CAPTIONS).write_text(json.dumps(captions))
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -245,6 +251,9 @@ class CachedPairDataset(torch.utils.data.Dataset):
         self._handles: dict[int, Any] = {}
         with safe_open(str(self.dir / "empty_prompt.safetensors"), "pt") as f:
             self.empty_text = {k[len("text."):]: f.get_tensor(k).float() for k in f.keys()}
+        # caches written before captions were stored have none: batches then carry no "caption"
+        captions_file = self.dir / CAPTIONS
+        self.captions: list[str] | None = json.loads(captions_file.read_text()) if captions_file.is_file() else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -265,6 +274,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
             "original_size_w": item["original_size_w"], "original_size_l": item["original_size_l"],
             "crop_top_left": item["crop_top_left"], "row": int(item["row"]),
             **{k: item[k].float() for k in ("score_w", "score_l") if k in item},
+            **({"caption": self.captions[i]} if self.captions is not None else {}),
         }
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
@@ -285,8 +295,10 @@ class CachedPairDataset(torch.utils.data.Dataset):
 
 
 def collate_cached(items: list[dict]) -> dict:
-    out = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("text", "row")}
+    out = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("text", "row", "caption")}
     out["text"] = {k: torch.stack([it["text"][k] for it in items]) for k in items[0]["text"]}
     out["row"] = [it["row"] for it in items]
+    if "caption" in items[0]:
+        out["caption"] = [it["caption"] for it in items]
     out["skipped"] = 0
     return out

@@ -230,6 +230,10 @@ class OnlinePairsProvider(_Provider):
     def pairs(self, trainer, x0_w: torch.Tensor, text: dict[str, torch.Tensor], captions: list[str] | None,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         k, b = self.cfg.online.num_samples, x0_w.shape[0]
+        if captions is None and getattr(self.reward, "needs_prompt", False):
+            raise ConfigError(f"online.reward={self.cfg.online.reward!r} scores image-text agreement, but the batches "
+                              f"carry no captions: the latent cache {self.cfg.cache.dir!r} was built before caches "
+                              "stored them. Rebuild it (diffalign cache CONFIG cache.dir=NEW_DIR) or train without it.")
         text_k = {key: v.repeat_interleave(k, dim=0) for key, v in text.items()}  # prompt-major, like Sampler
         prompts = [c for c in captions for _ in range(k)] if captions is not None else None
         seeds = draw_seeds(gen, b * k)
