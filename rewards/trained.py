@@ -326,6 +326,21 @@ class _FiLMBlock(nn.Module):
         return self.down(self.skip(x) + h)
 
 
+def latent_frames(x_t: torch.Tensor, latent_channels: int) -> tuple[torch.Tensor, int]:
+    """(x [N*F, C, h, w], F): image latents [N, C, h, w] pass through (F = 1); video latents [N, C, F, h, w] become
+    one image per frame (frame-major within each clip), so a latent reward scores each frame and averages."""
+    if x_t.ndim == 5:
+        n, c, frames, h, w = x_t.shape
+        x = x_t.permute(0, 2, 1, 3, 4).reshape(n * frames, c, h, w)
+    elif x_t.ndim == 4:
+        x, frames = x_t, 1
+    else:
+        raise RewardError(f"latent reward: x_t must be [N, C, h, w] or [N, C, F, h, w], got {tuple(x_t.shape)}")
+    if x.shape[1] != latent_channels:
+        raise RewardError(f"latent reward trained on {latent_channels}-channel latents, got {x.shape[1]} channels")
+    return x, frames
+
+
 class LatentRewardModel(nn.Module):
     """Noise-aware latent reward: scores [N, D] of noisy latents given unit time t and the prompt.
 
@@ -367,16 +382,7 @@ class LatentRewardModel(nn.Module):
         # unit time scaled to the 0..1000 range sinusoidal embeddings are designed for
         tau = self.time_mlp(sinusoidal_embedding(t.reshape(-1).to(x_t.device) * 1000.0,
                                                  self.cond_text.out_features).to(text.dtype))
-        frames = 1
-        if x_t.ndim == 5:  # video latents [N, C, F, h, w]: score each frame with the clip's text and t, then average
-            n, c, frames, h, w = x_t.shape
-            x = x_t.permute(0, 2, 1, 3, 4).reshape(n * frames, c, h, w)
-        elif x_t.ndim == 4:
-            x = x_t
-        else:
-            raise RewardError(f"latent reward: x_t must be [N, C, h, w] or [N, C, F, h, w], got {tuple(x_t.shape)}")
-        if x.shape[1] != self.latent_channels:
-            raise RewardError(f"latent reward trained on {self.latent_channels}-channel latents, got {x.shape[1]} channels")
+        x, frames = latent_frames(x_t, self.latent_channels)
         rep = lambda v: v.repeat_interleave(frames, dim=0)  # noqa: E731
         cond = rep(self.cond_text(text.flatten(1)) + tau)
         h, w = x.shape[-2:]
@@ -430,16 +436,7 @@ class DecodedLatentRewardModel(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> torch.Tensor:
-        frames = 1
-        if x_t.ndim == 5:
-            n, c, frames, h, w = x_t.shape
-            x = x_t.permute(0, 2, 1, 3, 4).reshape(n * frames, c, h, w)
-        elif x_t.ndim == 4:
-            x = x_t
-        else:
-            raise RewardError(f"latent reward: x_t must be [N, C, h, w] or [N, C, F, h, w], got {tuple(x_t.shape)}")
-        if x.shape[1] != self.latent_channels:
-            raise RewardError(f"latent reward trained on {self.latent_channels}-channel latents, got {x.shape[1]} channels")
+        x, frames = latent_frames(x_t, self.latent_channels)
         dtype = next(self.vae.parameters()).dtype
         # the pipeline's own un-scaling: z = x / scaling + shift (see FamilyAdapter.encode_images)
         pixels = self.vae.decode(x.to(dtype) / self.scaling_factor + self.shift_factor).sample.float()
