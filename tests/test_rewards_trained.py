@@ -371,7 +371,7 @@ def test_train_reward_learns_on_a_tiny_world_set(tmp_path, capsys):
                  "model.dimensions=[color,background]",
                  "data.path=world:renders?split=train&per_caption=1&change_prob=0.5",
                  "data.val_path=world:renders?split=heldout&per_caption=1&seed=1&change_prob=0.5",
-                 "train.max_steps=150", "train.batch_size=32", "optim.lr=2e-3", f"train.output_dir={out}", "--no-progress"])
+                 "train.max_steps=150", "train.batch_size=32", "optim.lr=3e-4", "optim.head_lr=2e-3", f"train.output_dir={out}", "--no-progress"])
     assert code == 0
     ev = json.loads((out / "eval.json").read_text())["clean"]
     assert ev["acc/background"] >= 0.85 and ev["acc/color"] >= 0.7, ev
