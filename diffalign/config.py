@@ -284,12 +284,19 @@ def _apply(obj: Any, mapping: dict, prefix: str, source: str, root: type | None 
             setattr(obj, k, _coerce(f"{source}: {key}", v, tp))
 
 
-def _validate(cfg: RunConfig) -> None:
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value is not None and value not in allowed:
+def check_choices(cfg: Any, choices: dict[str, tuple[str, ...]], *, allow_none: bool = False) -> None:
+    """ConfigError naming the key when a dotted key's value (e.g. ``model.family``) is not one of its choices;
+    ``allow_none`` lets null pass (for keys whose null means "the default")."""
+    for key, allowed in choices.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if (value is not None or not allow_none) and value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def _validate(cfg: RunConfig) -> None:
+    check_choices(cfg, CHOICES, allow_none=True)
     if cfg.train.batch_size < 1 or cfg.train.gradient_accumulation_steps < 1 or cfg.train.max_steps < 1:
         raise ConfigError("train.batch_size, train.gradient_accumulation_steps and train.max_steps must be >= 1")
     if not 0.0 <= cfg.data.prompt_dropout <= 1.0:

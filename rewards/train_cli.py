@@ -12,9 +12,10 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from diffalign.config import ConfigError, REWARD_TASK, _apply, _f, _field_types, _is_config, all_keys  # noqa: F401
+from diffalign.config import (ConfigError, REWARD_TASK, _apply, _f, _field_types, _is_config, all_keys,  # noqa: F401
+                              check_choices)
 
 HELP = "train a multi-dimensional reward model (VideoReward-style, composite or noise-aware latent) with BTT"
 
@@ -141,12 +142,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def _validate(cfg: RewardRunConfig) -> None:
-    for key, allowed in CHOICES.items():
-        node: Any = cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        if node not in allowed:
-            raise ConfigError(f"{key}={node!r} is not one of {', '.join(allowed)}")
+    check_choices(cfg, CHOICES)
     m = cfg.model
     if not m.dimensions or not all(isinstance(d, str) and d for d in m.dimensions):
         raise ConfigError(f"model.dimensions must be a non-empty list of names, got {m.dimensions!r}")

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from diffalign.config import (ConfigError, LoraConfig, ModelConfig, OptimConfig, _apply, _f, config_to_dict,
+from diffalign.config import (ConfigError, LoraConfig, check_choices, ModelConfig, OptimConfig, _apply, _f, config_to_dict,
                               parse_overrides, resolve_recipe)
 from diffalign.objectives.score_reg import (cfg_combine, eps_from_prediction, fake_score_dsm_loss, kl_generator_loss,
                                             score_from_prediction, score_reg_generator_loss, x0_from_prediction)
@@ -101,13 +101,10 @@ class ScoreRegRunConfig:
 
 def _validate(cfg: ScoreRegRunConfig) -> None:
     o, t = cfg.objective, cfg.train
-    choices = {"objective.name": (o.name, ("score_reg", "kl")),
-               "objective.time_weighting": (o.time_weighting, ("sigma_sq", "sigma", "constant")),
-               "model.family": (cfg.model.family, ("sd15", "sdxl", "sd3", "flux")),
-               "train.device": (t.device, ("auto", "cpu", "cuda"))}
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    check_choices(cfg, {"objective.name": ("score_reg", "kl"),
+                        "objective.time_weighting": ("sigma_sq", "sigma", "constant"),
+                        "model.family": ("sd15", "sdxl", "sd3", "flux"),
+                        "train.device": ("auto", "cpu", "cuda")})
     if not cfg.lora.enabled:
         raise ConfigError("score-reg trains LoRAs only (the reference is the generator with its LoRA disabled): "
                           "lora.enabled must be true")
