@@ -494,35 +494,29 @@ def _subfolder(source: str, name: str) -> dict:
     return {"subfolder": name} if (Path(source).expanduser() / name).is_dir() else {}
 
 
-def load_clip_tokenizer(source: str):
-    source = resolve_source(source)
-    from transformers import CLIPTokenizer
+def _load_clip_part(source: str, class_name: str, subfolder: str, what: str, hint: str = ""):
+    """``transformers.<class_name>.from_pretrained`` from a hub id, a CLIP folder or a pipeline folder's
+    ``subfolder/`` ('world:...' sources resolved first); RewardError naming the source on failure."""
+    import transformers
 
+    source = resolve_source(source)
     try:
-        return CLIPTokenizer.from_pretrained(source, **_subfolder(source, "tokenizer"))
+        return getattr(transformers, class_name).from_pretrained(source, **_subfolder(source, subfolder))
     except OSError as e:
-        raise RewardError(f"could not load a CLIP tokenizer from {source!r}: {e}. Offline? Hub ids need network "
-                          "access; give a local folder with the CLIP files.") from e
+        raise RewardError(f"could not load a CLIP {what} from {source!r}: {e}{hint}") from e
+
+
+def load_clip_tokenizer(source: str):
+    return _load_clip_part(source, "CLIPTokenizer", "tokenizer", "tokenizer",
+                           ". Offline? Hub ids need network access; give a local folder with the CLIP files.")
 
 
 def load_clip_text(source: str):
-    source = resolve_source(source)
-    from transformers import CLIPTextModelWithProjection
-
-    try:
-        return CLIPTextModelWithProjection.from_pretrained(source, **_subfolder(source, "text_encoder"))
-    except OSError as e:
-        raise RewardError(f"could not load a CLIP text model from {source!r}: {e}") from e
+    return _load_clip_part(source, "CLIPTextModelWithProjection", "text_encoder", "text model")
 
 
 def load_clip_vision(source: str):
-    source = resolve_source(source)
-    from transformers import CLIPVisionModelWithProjection
-
-    try:
-        return CLIPVisionModelWithProjection.from_pretrained(source, **_subfolder(source, "image_encoder"))
-    except OSError as e:
-        raise RewardError(f"could not load a CLIP vision model from {source!r}: {e}") from e
+    return _load_clip_part(source, "CLIPVisionModelWithProjection", "image_encoder", "vision model")
 
 
 def _clip_norm(source: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
