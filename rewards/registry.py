@@ -58,6 +58,11 @@ def build_reward(spec: str, device: torch.device | str = "cpu") -> Reward:
     """Build a reward from ``NAME``, ``NAME:PATH_OR_ID`` or a train-reward output folder."""
     device = torch.device(device)
     path = Path(spec)
+    if spec.startswith("world:"):  # a reward bundled with the embedded world, e.g. world:reward
+        import diffalign.world
+
+        bundled = Path(diffalign.world.__file__).parent / "bundled" / spec[len("world:"):]
+        path = bundled if (bundled / "reward_config.json").is_file() else path
     if path.is_dir() and (path / "reward_config.json").is_file():
         try:
             from diffalign.rewards.trained import load_trained_reward

@@ -379,3 +379,31 @@ def test_train_reward_learns_on_a_tiny_world_set(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["steps"] == 150
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 150 and math.isfinite(json.loads(lines[-1])["loss"])
+
+
+# ------------------------------------------------------------------------------- bundled world reward
+
+def test_bundled_world_reward_prefers_the_matching_background_and_colour():
+    """`world:reward` loads through build_reward and ranks, per dimension, a held-out scene's render above the
+    same render judged against a caption that differs in exactly that attribute (every pair, not on average)."""
+    import dataclasses
+
+    from diffalign.rewards import build_reward
+    from diffalign.world import BACKGROUNDS, COLORS, prompt_splits, render_batch
+
+    reward = build_reward("world:reward")
+    assert reward.dimensions == tuple(WORLD_DIMS) and reward.differentiable and reward.needs_prompt
+    _, heldout = prompt_splits(0)
+    scenes = heldout[:12]
+    images = torch.from_numpy(render_batch(scenes, 32)).permute(0, 3, 1, 2).float() / 255
+    true_caps = [s.caption() for s in scenes]
+    with torch.no_grad():
+        true = reward(images, true_caps)
+        for dim, attr, values in (("background", "background", list(BACKGROUNDS)), ("color", "color", list(COLORS))):
+            wrong_caps = [dataclasses.replace(s, **{attr: next(v for v in values if v != getattr(s, attr))}).caption()
+                          for s in scenes]
+            wrong = reward(images, wrong_caps)
+            assert (true[dim] > wrong[dim]).all(), (dim, true[dim], wrong[dim])
+    pixels = images[:2].clone().requires_grad_(True)
+    reward(pixels, true_caps[:2])["color"].sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0

@@ -126,7 +126,7 @@ def run_demo(kind: str = "unet", out_dir: str | Path = "runs/demo", *, quick: bo
     pipe = adapter.pipe
     sample_kw = dict(steps=plan.get("sample_steps", 20), guidance_scale=plan.get("guidance", 3.0))
     pair_stats = make_pairs(pipe, train_prompts, out / "pairs.parquet", k=plan["k"], seed=seed, show_progress=show_progress,
-                            **sample_kw)
+                            pairing=plan.get("pairing", "best-worst"), min_gap=plan.get("min_gap", 0.0), **sample_kw)
     build_cache(cfg, adapter, show_progress=show_progress)
 
     heldout_caps = [s.caption() for s in heldout for _ in range(plan["heldout_seeds"])]
