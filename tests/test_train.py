@@ -117,6 +117,21 @@ def test_resume_matches_uninterrupted_run(make_cfg, tmp_path):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
 
 
+def test_ema_run_leaves_the_exported_ema_weights_in_the_model(make_cfg, tmp_path):
+    """With train.ema the export is the EMA; afterwards the live model must hold those weights too (scripts such as
+    the demo sample the trainer's pipeline after train()), not the last raw step's, which the checkpoint keeps."""
+    from diffalign.train.checkpoint import list_checkpoints, load_checkpoint
+
+    trainer, _ = run(make_cfg("flux", "train.max_steps=3", "train.ema=true", "train.ema_decay=0.5", "optim.lr=1e-2",
+                              out=tmp_path / "e"))
+    for live, shadow in zip(trainer.trainable, trainer.ema.shadow_params):
+        torch.testing.assert_close(live.detach(), shadow)
+    raw = load_checkpoint(list_checkpoints(tmp_path / "e")[-1])["trainable"]
+    moved = [k for k in raw if "lora_B" in k]
+    live = dict(zip(trainer.trainable_names, trainer.trainable))
+    assert moved and any(not torch.allclose(raw[k], live[k].detach()) for k in moved)
+
+
 def test_checkpoints_keep_last_k_and_are_complete(make_cfg, tmp_path):
     from diffalign.train.checkpoint import list_checkpoints
 

@@ -471,6 +471,8 @@ class Trainer:
 
         self.save_checkpoint()
         export_path = self.export()
+        if self.ema is not None:  # from here on the live model IS what was exported (callers sample it)
+            self.ema.copy_to(self.trainable)
         skipped = torch.tensor([float(len(self.skipped_rows))], device=acc.device)
         counts = dict(self.data_counts)
         counts["skipped"] = int(counts.get("skipped", 0) + acc.reduce(skipped, reduction="sum").item())
