@@ -20,8 +20,9 @@ Geometry (fractions of the image side, origin top-left, y down, as in :mod:`diff
   stays exactly linear. 0.33 is the largest travel for which a large triangle still fits at 16 px
   (available centroid range 0.335 sides); slow/fast differ by a factor 2.2 so the oracle can tell them.
 * Optional jitter (per clip, as ``render``'s): the path is shifted by up to ``jitter * size`` pixels
-  per axis (then shifted back inside the frame if needed) and the shape scaled by ``1 +- jitter``;
-  3 uniforms per clip, in clip order. Frames are never jittered independently: that would be flicker.
+  per axis (then shifted back inside the frame if needed) and the shape scaled by ``1 +- jitter``
+  (capped where the scaled path would not fit: only large fast shapes at 16 px); 3 uniforms per
+  clip, in clip order. Frames are never jittered independently: that would be flicker.
 * Every frame is drawn with the image renderer's own anti-aliased ``coverage`` and ``_paint``.
 
 Default size is 16x16 with 8 frames (allowed 8-17, so Wan-style ``4k + 1`` frame counts such as 9,
@@ -40,8 +41,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from diffalign.world.render import _MARGIN, DIAMETER, _extents, _paint, coverage
-from diffalign.world.scenes import BACKGROUNDS, COLORS, SHAPES, SIZES, UNSEEN_COMBOS, Scene
+from diffalign.world.render import _MARGIN, _extents, _jitter_draws, _paint, _shapes_and_diameters, coverage
+from diffalign.world.scenes import BACKGROUNDS, COLORS, SHAPES, SIZES, UNSEEN_COMBOS, Scene, split_forced
 
 DIRECTIONS: dict[str, tuple[float, float]] = {  # unit (dx, dy) in image coordinates (y points down)
     "left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
@@ -128,18 +129,10 @@ def video_prompt_splits(seed: int = 0, heldout_fraction: float = 0.1) -> tuple[l
     (shape, direction) is in UNSEEN_MOTIONS, plus a random ``heldout_fraction`` of the rest
     (rounded), chosen with ``np.random.default_rng(seed)``.
     """
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    scenes = all_video_scenes()
     combos, motions = set(UNSEEN_COMBOS), set(UNSEEN_MOTIONS)
-    unseen = [(s.color, s.shape) in combos or (s.shape, s.direction) in motions for s in scenes]
-    rest = [i for i, u in enumerate(unseen) if not u]
-    n_random = int(round(heldout_fraction * len(rest)))
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(len(rest), size=n_random, replace=False) if n_random else np.empty(0, dtype=int)
-    heldout_idx = {i for i, u in enumerate(unseen) if u} | {rest[int(k)] for k in picked}
-    return ([s for i, s in enumerate(scenes) if i not in heldout_idx],
-            [s for i, s in enumerate(scenes) if i in heldout_idx])
+    scenes = all_video_scenes()
+    return split_forced(scenes, [(s.color, s.shape) in combos or (s.shape, s.direction) in motions for s in scenes],
+                        seed, heldout_fraction)
 
 
 def sample_video_scenes(n: int, seed: int, pool: Sequence[VideoScene] | None = None) -> list[VideoScene]:
@@ -167,22 +160,22 @@ def trajectories(scenes: Sequence[VideoScene], size: int = VIDEO_SIZE, frames: i
     Deterministic for jitter 0; otherwise draws 3 uniforms per clip from ``rng`` (required), in order.
     """
     _check(size, frames)
-    if not 0.0 <= jitter <= 0.25:
-        raise ValueError(f"jitter must be in [0, 0.25] (a fraction of the image side), got {jitter}")
-    if jitter > 0 and rng is None:
-        raise ValueError("jitter > 0 needs an explicit rng (np.random.default_rng(seed)) so clips stay reproducible")
     n = len(scenes)
-    shape_idx = np.array([SHAPES.index(s.shape) for s in scenes], dtype=np.int64)
-    diam = np.array([DIAMETER[s.size] for s in scenes], dtype=np.float64) * size
+    u = _jitter_draws(n, jitter, rng)
+    shape_idx, diam = _shapes_and_diameters(scenes, size)
     step = np.array([DIRECTIONS[s.direction] for s in scenes], dtype=np.float64).reshape(n, 2)
     step = step * np.array([TRAVEL[s.speed] for s in scenes])[:, None] * size   # whole-clip displacement, px
     shift = np.zeros((n, 2))
-    if jitter > 0:
-        u = rng.uniform(-1.0, 1.0, size=(n, 3))  # (dx, dy, dscale) per clip, in clip order
+    if u is not None:
         shift = u[:, :2] * jitter * size
         diam = diam * (1.0 + u[:, 2] * jitter)
-    half, up, down = _extents(shape_idx, diam)
     m = max(1.0, _MARGIN * size)
+    # A scaled-up shape's path may no longer fit (a jittered large fast triangle at 16 px): shrink it
+    # just enough. Extents are linear in the diameter, so one factor per clip does it.
+    half, up, down = _extents(shape_idx, diam)
+    room = size - 2 * m - np.abs(step)                       # [N, 2] room left for the shape per axis
+    diam = diam * np.minimum(1.0, np.minimum(room[:, 0] / (2 * half), room[:, 1] / (up + down)))
+    half, up, down = _extents(shape_idx, diam)
     lo = np.stack([half + m, up + m], axis=1)                  # allowed centroid range per axis [N, 2]
     hi = np.stack([size - half - m, size - down - m], axis=1)
     # Path centred on the image centre (plus jitter), then the whole path shifted inside [lo, hi]:
