@@ -57,7 +57,7 @@ def test_caption_round_trip_and_format(scenes):
     assert VideoScene("circle", "red", "small", "black", "left", "slow").caption() == \
         "a small red circle moving slowly left on a black background"
     assert VideoScene("square", "blue", "large", "white", "up", "fast").caption() == \
-        "a large blue square moving quickly up on a white background"
+        "a large blue square moving fast up on a white background"
     # Every word of every caption is in video_words() (what a word-level tokenizer needs), and only those.
     assert set(video_words()) == {w for s in scenes for w in s.caption().split()}
 
@@ -297,3 +297,56 @@ def test_score_rejects_bad_inputs(scenes):
         score_clips(clips[:, :2], scenes[:2])
     with pytest.raises(ValueError, match="cannot parse video caption"):
         score_clips(clips, ["a small red circle at the top left on a black background"] * 2)
+
+
+# ---------------------------------------------------------------- generator (`diffalign world pretrain --kind video`)
+
+def test_every_video_word_is_one_bpe_token():
+    from diffalign.world.generators import build_word_clip_tokenizer
+
+    tok = build_word_clip_tokenizer(video_words())
+    for word in video_words():
+        assert len(tok(word).input_ids) == 3, (word, tok.convert_ids_to_tokens(tok(word).input_ids))
+    for s in all_video_scenes()[::53]:
+        ids = tok(s.caption()).input_ids
+        assert len(ids) == len(s.caption().split()) + 2
+        assert tok.decode(ids, skip_special_tokens=True).strip() == s.caption()
+
+
+def test_pretrain_video_saves_a_wan_folder_that_loads_and_samples(tmp_path):
+    """The CLI path for 2 steps (the path, not the quality): a WanPipeline folder that loads through
+    diffusers and through diffalign's wan adapter, and samples 9-frame 16x16 clips the oracle can score."""
+    import json
+
+    from diffusers import WanPipeline
+
+    from diffalign.cli import main
+    from diffalign.config import ModelConfig
+    from diffalign.models import load_adapter
+    from diffalign.world.generators import VIDEO_GEN_FRAMES, VIDEO_TEXT_LEN
+
+    folder = tmp_path / "world-video"
+    assert main(["world", "pretrain", "--kind", "video", "--steps", "2", "--vae-steps", "2", "--pool", "8",
+                 "--batch-size", "4", "--out", str(folder)]) == 0
+    record = json.loads((folder / "pretrain.json").read_text())
+    assert record["config"]["kind"] == "video" and record["family"] == "wan"
+    assert np.isfinite(record["final_loss_mean_last_100"]) and len(record["vae"]["latents_std"]) == 4
+    assert "text-to-video WanPipeline" in (folder / "README.md").read_text()
+
+    pipe = WanPipeline.from_pretrained(folder)
+    assert list(pipe.vae.config.latents_std) == pytest.approx(record["vae"]["latents_std"])
+    assert (pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial) == (2, 2)
+    caption = all_video_scenes()[0].caption()
+    frames = pipe(prompt=[caption], height=16, width=16, num_frames=VIDEO_GEN_FRAMES, num_inference_steps=2,
+                  guidance_scale=1.0, max_sequence_length=VIDEO_TEXT_LEN, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, VIDEO_GEN_FRAMES, 16, 16, 3)
+    scores = score_clips((np.clip(frames, 0, 1) * 255).round().astype(np.uint8), [caption])
+    assert all(np.isfinite(v).all() for v in scores.values())
+
+    adapter = load_adapter(ModelConfig(family="wan", pretrained=str(folder), max_sequence_length=VIDEO_TEXT_LEN))
+    assert adapter.latent_shape(16, 16, VIDEO_GEN_FRAMES) == (4, 5, 8, 8)
+    clip = torch.from_numpy(render_clips(all_video_scenes()[:1], 16, VIDEO_GEN_FRAMES)).permute(0, 4, 1, 2, 3)
+    latents = adapter.encode_videos(clip.float() / 127.5 - 1.0)
+    assert latents.shape == (1, 4, 5, 8, 8) and torch.isfinite(latents).all()
+    assert adapter.decode_latents(latents).shape == (1, VIDEO_GEN_FRAMES, 3, 16, 16)

@@ -48,7 +48,9 @@ DIRECTIONS: dict[str, tuple[float, float]] = {  # unit (dx, dy) in image coordin
     "left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 SPEEDS: tuple[str, ...] = ("slow", "fast")
 TRAVEL: dict[str, float] = {"slow": 0.15, "fast": 0.33}  # centroid travel over the whole clip, image sides
-_ADVERB = {"slow": "slowly", "fast": "quickly"}
+# "fast", not "quickly": the word-level BPE tokenizer's merge for "qu" would split "square" (see
+# generators.build_word_clip_tokenizer; tests check every caption word is one token).
+_ADVERB = {"slow": "slowly", "fast": "fast"}
 VIDEO_SIZE = 16
 VIDEO_FRAMES = 8
 MIN_FRAMES, MAX_FRAMES = 8, 17
