@@ -28,7 +28,7 @@ at x0, heavy tail, so scores fall gradually):
   travel) makes the angle of a near-static object, which is noise, count for nothing, and keeps the
   score continuous where the angle is undefined (v = 0).
 * speed: k(|log(|v| / TRAVEL[speed])|, 0.35, 4). Slow and fast differ by log 2.2 = 0.79, which
-  scores 0.04; a 10% speed error costs 0.0075. Uses |v|, not its component along the caption's
+  scores 0.04; a 10% speed error costs 0.005. Uses |v|, not its component along the caption's
   direction, so a wrong direction does not leak into speed.
 * smoothness: k(jerk, 0.03, 4) * k(colour flicker, 40, 4) * k(area flicker, 0.3, 4) where
   jerk = RMS of the centroid second differences c_{f+1} - 2 c_f + c_{f-1} (image sides; 0 for the
