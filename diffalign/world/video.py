@@ -3,8 +3,9 @@
 A :class:`VideoScene` is the image world's object (shape, colour, size, background; same palette and
 vocabularies as :mod:`diffalign.world.scenes`) plus a motion: a ``direction`` (left, right, up, down)
 and a ``speed`` (slow, fast). Its caption is a fixed template, e.g. ``"a small red circle moving
-slowly left on a black background"``; :func:`parse_video_caption` is its exact inverse. Everything is
-pure and deterministic from a seed.
+slowly left on a black background"`` or ``"a large blue square moving fast up on a white
+background"``; :func:`parse_video_caption` is its exact inverse. Everything is pure and
+deterministic from a seed. The scorer is :mod:`diffalign.world.video_oracle`.
 
 Clips are uint8 ``[F, H, W, 3]`` (a batch ``[N, F, H, W, 3]``), RGB 0-255, frame 0 first.
 
@@ -26,7 +27,8 @@ Geometry (fractions of the image side, origin top-left, y down, as in :mod:`diff
 * Every frame is drawn with the image renderer's own anti-aliased ``coverage`` and ``_paint``.
 
 Default size is 16x16 with 8 frames (allowed 8-17, so Wan-style ``4k + 1`` frame counts such as 9,
-13 and 17 fit). Why 16 and not the image world's 32: a clip is F images, so 8 x 16 x 16 is already
+13 and 17 fit; the Wan generator of ``world pretrain --kind video`` uses 9, since Wan's causal VAE
+encodes one frame and then chunks of 4). Why 16 and not the image world's 32: a clip is F images, so 8 x 16 x 16 is already
 twice the pixels of one 32x32 world image, and the tiny generator must learn it on a shared 2-core
 CPU (32x32 would be 4x the tokens, and attention is quadratic in them). The oracle still resolves
 everything at 16 px: the image oracle is tested at 16 px, and the slowest travel is 2.4 px per
