@@ -7,6 +7,13 @@ Two generators, one per training path:
 Both share the world's image size (32x32 RGB), a small AutoencoderKL (f=2, 4 latent channels) and a
 real CLIP BPE tokenizer whose merges spell each world word as ONE token, so a tiny text encoder only has
 to learn a closed vocabulary (a character-level tokenizer makes it learn spelling first).
+
+And one text-to-video generator for the video world (diffalign.world.video), on the Wan path:
+- ``video``: WanPipeline (WanTransformer3DModel, rectified flow) on 16x16 clips of VIDEO_GEN_FRAMES = 9
+  frames, a small AutoencoderKLWan (2x spatial, 2x temporal, 4 latent channels: latents [4, 5, 8, 8]),
+  a tiny UMT5 encoder (Wan's text encoder class) and the same kind of word-level CLIP tokenizer over
+  the video captions' words. Sample it with ``max_sequence_length=VIDEO_TEXT_LEN``: Wan pads the text
+  to that many zero tokens, and the cross-attention was trained with 16, not the pipeline's 512.
 """
 from __future__ import annotations
 
@@ -20,6 +27,9 @@ from diffalign.models.tiny import _bytes_to_unicode
 
 WORLD_IMAGE_SIZE = 32
 TEXT_HIDDEN = 64
+# Wan's causal VAE encodes one frame then chunks of 4, so clips need 4k + 1 frames (8 would lose 3).
+VIDEO_GEN_FRAMES = 9
+VIDEO_TEXT_LEN = 16  # tokens: the longest video caption is 11 words + start + end
 
 
 def world_words() -> list[str]:
@@ -90,8 +100,35 @@ def build_world_vae(seed: int = 0):
     )
 
 
+def build_world_video_vae(seed: int = 0):
+    """AutoencoderKLWan for 16x16 clips: 2x spatial and 2x temporal compression, 4 latent channels.
+
+    One down level (dim_mult [1, 2]) with temporal downsampling: 9 frames -> 5 latent frames of 8x8.
+    ``scale_factor_*`` must be set by hand (WanPipeline reads them from the config, defaults 4 and 8).
+    latents_mean / latents_std are placeholders until the VAE is trained (pretrain sets them per channel).
+    """
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                            latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_temporal=2,
+                            scale_factor_spatial=2)
+
+
+def _umt5_encoder(tokenizer, seed: int):
+    """A tiny UMT5 encoder (Wan's text encoder class) over the word-level tokenizer's vocabulary."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=TEXT_HIDDEN, d_ff=4 * TEXT_HIDDEN, d_kv=16, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    ))
+
+
 def build_world_pipeline(kind: str, vae, seed: int = 0):
-    """An untrained world pipeline of ``kind`` ('unet' or 'flow') around a (trained) ``vae``."""
+    """An untrained world pipeline of ``kind`` ('unet', 'flow' or 'video') around a (trained) ``vae``."""
     from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
 
@@ -125,4 +162,20 @@ def build_world_pipeline(kind: str, vae, seed: int = 0):
             text_encoder_2=_text_encoder(tokenizer, True, seed + 2), tokenizer_2=tokenizer,
             text_encoder_3=None, tokenizer_3=None,
         )
-    raise ValueError(f"unknown world generator kind {kind!r}: use 'unet' or 'flow'")
+    if kind == "video":
+        from diffusers import WanPipeline, WanTransformer3DModel
+
+        from diffalign.world.video import video_words
+
+        tokenizer = build_word_clip_tokenizer(video_words())
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel(
+            # patch (1, 2, 2) on [4, 5, 8, 8] latents: 80 tokens a clip; head dim 32 splits into rope
+            # parts of 12 (time) + 10 + 10 (space)
+            patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=4,
+            text_dim=TEXT_HIDDEN, freq_dim=256, ffn_dim=256, num_layers=4, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        )
+        return WanPipeline(tokenizer=tokenizer, text_encoder=_umt5_encoder(tokenizer, seed + 1), vae=vae,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), transformer=transformer)
+    raise ValueError(f"unknown world generator kind {kind!r}: use 'unet', 'flow' or 'video'")

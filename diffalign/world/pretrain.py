@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-KIND_FAMILY = {"unet": "sd15", "flow": "sd3"}
+KIND_FAMILY = {"unet": "sd15", "flow": "sd3", "video": "wan"}
 
 
 @dataclass
 class PretrainConfig:
     kind: str = "unet"              # unet (eps UNet, Diffusion-DPO path) | flow (SD3-style transformer, Flow-DPO path)
+                                    # | video (Wan-style text-to-video on the video world's 16x16, 9-frame clips)
     steps: int = 3000               # denoiser steps
     batch_size: int = 64
     lr: float = 5e-4
@@ -42,16 +43,40 @@ class PretrainConfig:
 
 
 def _to_pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N,H,W,3] -> float [N,3,H,W] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    """uint8 [N,H,W,3] -> float [N,3,H,W] in [-1, 1]; clips uint8 [N,F,H,W,3] -> float [N,3,F,H,W]."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.permute(0, 4, 1, 2, 3)
+    return x.float().div(127.5).sub(1.0)
+
+
+def _world_renders(kind: str, n: int, scene_seed: int, render_seed: int, jitter: float,
+                   split_seed: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """``n`` jittered renders of ``kind``'s world with their captions: pixels in [-1, 1], images
+    [N, 3, 32, 32] (unet, flow) or clips [N, 3, 9, 16, 16] (video); scenes drawn from the training
+    split of ``split_seed``'s prompt split, or from every scene when it is None."""
+    if kind == "video":
+        from diffalign.world.generators import VIDEO_GEN_FRAMES
+        from diffalign.world.video import (VIDEO_SIZE, all_video_scenes, render_clips, sample_video_scenes,
+                                           video_prompt_splits)
+
+        pool = all_video_scenes() if split_seed is None else video_prompt_splits(split_seed)[0]
+        scenes = sample_video_scenes(n, seed=scene_seed, pool=pool)
+        clips = render_clips(scenes, VIDEO_SIZE, VIDEO_GEN_FRAMES, jitter=jitter, seed=render_seed)
+        return _to_pixels(clips), [s.caption() for s in scenes]
+    from diffalign.world.render import render_batch
+    from diffalign.world.scenes import all_scenes, prompt_splits, sample_scenes
+
+    scenes = sample_scenes(n, seed=scene_seed, pool=all_scenes() if split_seed is None else prompt_splits(split_seed)[0])
+    return _to_pixels(render_batch(scenes, jitter=jitter, seed=render_seed)), [s.caption() for s in scenes]
 
 
 def train_vae(vae, cfg: PretrainConfig, device: torch.device, show_progress: bool = True) -> dict[str, float]:
-    from diffalign.world.render import render_batch
-    from diffalign.world.scenes import all_scenes, sample_scenes
+    """Train ``vae`` to reconstruct world renders; then normalise its latents to unit std.
 
-    scenes = sample_scenes(2048, seed=cfg.seed + 11, pool=all_scenes())
-    pixels = _to_pixels(render_batch(scenes, jitter=cfg.jitter, seed=cfg.seed + 12)).to(device)
+    AutoencoderKL (unet, flow): ``scaling_factor`` = 1/std of all latents. AutoencoderKLWan (video):
+    per-channel ``latents_mean`` / ``latents_std``, which is how WanPipeline normalises.
+    """
+    pixels = _world_renders(cfg.kind, 2048, cfg.seed + 11, cfg.seed + 12, cfg.jitter)[0].to(device)
     vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 13)
@@ -72,17 +97,24 @@ def train_vae(vae, cfg: PretrainConfig, device: torch.device, show_progress: boo
         latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mode() for i in range(0, len(pixels), 256)])
         recon = torch.cat([vae.decode(latents[i:i + 256]).sample for i in range(0, len(latents), 256)])
     scaling = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=scaling)
-    return {"vae_mse": float((recon - pixels).pow(2).mean()), "scaling_factor": scaling}
+    stats = {"vae_mse": float((recon - pixels).pow(2).mean()), "scaling_factor": scaling}
+    from diffusers import AutoencoderKLWan
+
+    if isinstance(vae, AutoencoderKLWan):  # [N, C, F, h, w] latents, normalised per channel
+        per_channel = latents.transpose(0, 1).reshape(latents.shape[1], -1)
+        stats["latents_mean"] = [float(v) for v in per_channel.mean(dim=1)]
+        stats["latents_std"] = [float(v) for v in per_channel.std(dim=1)]
+        vae.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"])
+    else:
+        vae.register_to_config(scaling_factor=scaling)
+    return stats
 
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = True) -> dict:
     """Train a world generator of ``cfg.kind`` and save it as a diffusers pipeline folder in ``out_dir``."""
     from diffalign.config import ModelConfig
     from diffalign.models import ADAPTERS
-    from diffalign.world.generators import build_world_pipeline, build_world_vae
-    from diffalign.world.render import render_batch
-    from diffalign.world.scenes import prompt_splits, sample_scenes
+    from diffalign.world.generators import VIDEO_TEXT_LEN, build_world_pipeline, build_world_vae, build_world_video_vae
 
     if cfg.kind not in KIND_FAMILY:
         raise ValueError(f"unknown kind {cfg.kind!r}: use one of {tuple(KIND_FAMILY)}")
@@ -93,6 +125,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
     torch.manual_seed(cfg.seed)
     start = time.time()
     family = KIND_FAMILY[cfg.kind]
+    # Text length the denoiser is trained with (and must be sampled with): the SD3-style world model
+    # has no T5, so 1; Wan pads its UMT5 states with zeros up to this length.
+    max_seq = VIDEO_TEXT_LEN if cfg.kind == "video" else 1
     previous = None
     if cfg.init_from:
         from diffalign.models import load_pipeline, resolve_pretrained
@@ -103,10 +138,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
         previous = json.loads(prev_record.read_text()) if prev_record.is_file() else None
         vae_stats = previous["vae"] if previous else {"vae_mse": float("nan"), "scaling_factor": vae.config.scaling_factor}
     else:
-        vae = build_world_vae(cfg.seed)
+        vae = build_world_video_vae(cfg.seed) if cfg.kind == "video" else build_world_vae(cfg.seed)
         vae_stats = train_vae(vae, cfg, device, show_progress)
         pipe = build_world_pipeline(cfg.kind, vae, cfg.seed)
-    adapter = ADAPTERS[family](pipe, ModelConfig(family=family, pretrained="(pretraining)", max_sequence_length=1,
+    adapter = ADAPTERS[family](pipe, ModelConfig(family=family, pretrained="(pretraining)", max_sequence_length=max_seq,
                                                  timestep_sampling="logit_normal"), device=device)
     trainable_modules = [adapter.denoiser] + [m for name in ("text_encoder", "text_encoder_2")
                                              if (m := getattr(pipe, name, None)) is not None]
@@ -115,12 +150,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
         m.train().requires_grad_(True)
         params += list(m.parameters())
 
-    train_scenes, _ = prompt_splits(cfg.seed)
-    scenes = sample_scenes(cfg.pool, seed=cfg.seed + 21, pool=train_scenes)
+    pixels, captions = _world_renders(cfg.kind, cfg.pool, cfg.seed + 21, cfg.seed + 22, cfg.jitter,
+                                       split_seed=cfg.seed)
     with torch.no_grad():
-        pixels = _to_pixels(render_batch(scenes, jitter=cfg.jitter, seed=cfg.seed + 22))
         latents = torch.cat([adapter.encode_images(pixels[i:i + 256]) for i in range(0, len(pixels), 256)]).cpu()
-    captions = [s.caption() for s in scenes]
     rng = np.random.default_rng(cfg.seed + 23)
     wrong = rng.random(len(captions)) < cfg.wrong_caption_fraction
     shuffled = rng.permutation(len(captions))
@@ -195,13 +228,29 @@ def write_model_card(out_dir: str | Path, record: dict) -> None:
     cfg = record["config"]
     defaults = asdict(PretrainConfig())
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k != "device" and v != defaults[k])
-    denoiser = ("an eps-prediction UNet2DConditionModel (DDPM schedule), the Diffusion-DPO path" if cfg["kind"] == "unet"
-                else "an SD3Transformer2DModel trained with rectified flow (velocity target), the Flow-DPO path")
+    if cfg["kind"] == "video":
+        what = ("A tiny text-to-video WanPipeline for diffalign's embedded video world (16x16 RGB clips of 9 frames,\n"
+                "diffalign.world.video): a WanTransformer3DModel trained with rectified flow (velocity target), a small\n"
+                "AutoencoderKLWan (2x spatial, 2x temporal, 4 latent channels, per-channel latents_mean/std) and a CLIP\n"
+                "BPE tokenizer whose merges spell every caption word as one token, with a tiny UMT5 encoder trained\n"
+                "jointly. Sample it with num_frames=9, height=width=16 and max_sequence_length=16 (the text length it\n"
+                "was trained with).")
+    else:
+        denoiser = ("an eps-prediction UNet2DConditionModel (DDPM schedule), the Diffusion-DPO path"
+                    if cfg["kind"] == "unet" else
+                    "an SD3Transformer2DModel trained with rectified flow (velocity target), the Flow-DPO path")
+        what = (f"A tiny text-to-image diffusers pipeline for diffalign's embedded procedural world (32x32 RGB scenes):\n"
+                f"{denoiser}, a small AutoencoderKL (f=2, 4 latent channels) and a CLIP BPE tokenizer whose merges spell\n"
+                f"every world word as one token, with a tiny CLIP text encoder trained jointly.")
+    if cfg["kind"] == "video":  # WanPipeline normalises per channel; no bundled world:video generator
+        latent_note = "latents normalised per channel (latents_mean / latents_std in the VAE config)"
+        load_note = "`model.family=wan model.pretrained=<folder>` in diffalign"
+    else:
+        latent_note = f"scaling factor {record['vae']['scaling_factor']:.4f} = 1/std of the latents"
+        load_note = f"`model.pretrained=world:{cfg['kind']}` in diffalign"
     text = f"""# diffalign world generator: {cfg['kind']}
 
-A tiny text-to-image diffusers pipeline for diffalign's embedded procedural world (32x32 RGB scenes):
-{denoiser}, a small AutoencoderKL (f=2, 4 latent channels) and a CLIP BPE tokenizer whose merges spell
-every world word as one token, with a tiny CLIP text encoder trained jointly.
+{what}
 
 It is decent but imperfect on purpose: {cfg['wrong_caption_fraction']:.0%} of training captions were replaced by another
 scene's caption, so preference alignment has room to show.
@@ -210,14 +259,14 @@ scene's caption, so preference alignment has room to show.
 
     diffalign world pretrain --kind {cfg['kind']} {flags} --out <folder>
 
-- VAE: {_vae_steps(record)} steps (reconstruction MSE {record['vae']['vae_mse']:.4f}); scaling factor {record['vae']['scaling_factor']:.4f} = 1/std of the latents.
+- VAE: {_vae_steps(record)} steps (reconstruction MSE {record['vae']['vae_mse']:.4f}); {latent_note}.
 - Denoiser + text encoder(s): {cfg['steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']}, prompt dropout {cfg['prompt_dropout']},
   on a pool of {cfg['pool']} jittered renders of training-split scenes (held-out scenes never seen).
 - Final training loss (mean of the last 100 steps): {record['final_loss_mean_last_100']:.4f}.{_continuation_note(record)}
 - Ran on {record['device']} in {record['seconds'] / 60:.1f} minutes with torch {record['torch']}; seeded, so the same
   command, config and library versions reproduce it.
 
-Load it like any diffusers folder: `model.pretrained=world:{cfg['kind']}` in diffalign, or
+Load it like any diffusers folder: {load_note}, or
 `DiffusionPipeline.from_pretrained(<folder>)`.
 """
     (Path(out_dir) / "README.md").write_text(text)

@@ -93,19 +93,32 @@ def coverage(shape_idx: np.ndarray, cx: np.ndarray, cy: np.ndarray, diam: np.nda
     return cov.reshape(len(cx), size, supersample, size).mean(axis=2)
 
 
-def _layout(scenes: Sequence[Scene], size: int, jitter: float,
-            rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Shape index, centroid x, y and diameter in pixels for each scene (jittered if asked)."""
+def _jitter_draws(n: int, jitter: float, rng: np.random.Generator | None) -> np.ndarray | None:
+    """Validated jitter uniforms [n, 3] in [-1, 1], (dx, dy, dscale) per item in order; None for jitter 0.
+
+    Shared by the image and the video renderer (diffalign.world.video), so both draw alike.
+    """
     if not 0.0 <= jitter <= 0.25:
         raise ValueError(f"jitter must be in [0, 0.25] (a fraction of the image side), got {jitter}")
     if jitter > 0 and rng is None:
         raise ValueError("jitter > 0 needs an explicit rng (np.random.default_rng(seed)) so renders stay reproducible")
-    n = len(scenes)
+    return rng.uniform(-1.0, 1.0, size=(n, 3)) if jitter > 0 else None
+
+
+def _shapes_and_diameters(scenes: Sequence, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """SHAPES index [N] and area-equivalent diameter in pixels [N] of anything with .shape and .size."""
     shape_idx = np.array([SHAPES.index(s.shape) for s in scenes], dtype=np.int64)
+    return shape_idx, np.array([DIAMETER[s.size] for s in scenes], dtype=np.float64) * size
+
+
+def _layout(scenes: Sequence[Scene], size: int, jitter: float,
+            rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Shape index, centroid x, y and diameter in pixels for each scene (jittered if asked)."""
+    n = len(scenes)
+    u = _jitter_draws(n, jitter, rng)
+    shape_idx, diam = _shapes_and_diameters(scenes, size)
     xy = np.array([anchor(s.size, s.position) for s in scenes], dtype=np.float64).reshape(n, 2) * size
-    diam = np.array([DIAMETER[s.size] for s in scenes], dtype=np.float64) * size
-    if jitter > 0:
-        u = rng.uniform(-1.0, 1.0, size=(n, 3))  # (dx, dy, dscale) per scene, in scene order
+    if u is not None:
         xy = xy + u[:, :2] * jitter * size
         diam = diam * (1.0 + u[:, 2] * jitter)
     # Keep every shape at least one pixel inside the image, so the 1-pixel border ring (from which

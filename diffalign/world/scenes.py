@@ -104,19 +104,23 @@ def prompt_splits(seed: int = 0, heldout_fraction: float = 0.15) -> tuple[list[S
     never appear in training, and (b) a random ``heldout_fraction`` of the remaining scenes
     (rounded), chosen with ``np.random.default_rng(seed)``.
     """
+    unseen = set(UNSEEN_COMBOS)
+    return split_forced(all_scenes(), [(s.color, s.shape) in unseen for s in all_scenes()], seed, heldout_fraction)
+
+
+def split_forced(items: list, forced: list[bool], seed: int, heldout_fraction: float) -> tuple[list, list]:
+    """(train, heldout), each in ``items`` order: held-out is every item with ``forced`` True plus a
+    random ``heldout_fraction`` (rounded) of the others, drawn with ``np.random.default_rng(seed)``.
+    Shared by the image and the video world (diffalign.world.video) so their splits are drawn alike."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    scenes = all_scenes()
-    unseen = set(UNSEEN_COMBOS)
-    forced = [i for i, s in enumerate(scenes) if (s.color, s.shape) in unseen]
-    rest = [i for i, s in enumerate(scenes) if (s.color, s.shape) not in unseen]
+    rest = [i for i, f in enumerate(forced) if not f]
     rng = np.random.default_rng(seed)
     n_random = int(round(heldout_fraction * len(rest)))
     picked = rng.choice(len(rest), size=n_random, replace=False) if n_random else np.empty(0, dtype=int)
-    heldout_idx = set(forced) | {rest[int(k)] for k in picked}
-    train = [s for i, s in enumerate(scenes) if i not in heldout_idx]
-    heldout = [s for i, s in enumerate(scenes) if i in heldout_idx]
-    return train, heldout
+    heldout_idx = {i for i, f in enumerate(forced) if f} | {rest[int(k)] for k in picked}
+    return ([s for i, s in enumerate(items) if i not in heldout_idx],
+            [s for i, s in enumerate(items) if i in heldout_idx])
 
 
 def sample_scenes(n: int, seed: int, pool: list[Scene] | None = None) -> list[Scene]:
