@@ -100,7 +100,7 @@ class ObjectiveConfig:
     mapo_gamma: float = _f(0.5, "mapo: γ of s(err) = γ err / (exp(γ err) - 1) (the official snr_value).")
     mapo_weight: float = _f(0.1, "mapo: weight λ of the margin term, loss = err_θ(w) - λ log σ(scale (s(err_w) - s(err_l))) (the official beta_mapo).")
     mapo_scale: float = _f(1000.0, "mapo: multiplier of the margin inside log σ (the official code uses num_train_timesteps = 1000).")
-    seppo_flipper: str = _f("sign", "seppo: anchor-based flipper s of inside = -(beta/2)[Δ(w) - s Δ(ref_sample)]: 'sign' (s = +1 if err_ref(w) > err_θ(w) else -1, the paper's), 'indicator' (s = 1 or 0: drop the sample term instead of flipping) or 'none' (s = 1 always).")
+    seppo_flipper: str = _f("sign", "seppo: anchor-based flipper s of inside = -(beta/2)[Δ(w) - s Δ(ref_sample)]: 'sign' (s = +1 if err_ref(w) > err_θ(w) else -1, the paper's), 'indicator' (s = 1 or 0: drop the sample term instead of flipping), 'none' (s = 1 always) or 'reversed' (s = -1 where 'sign' gives +1: the opposite direction, for the direction study).")
     seppo_pool_size: int = _f(7, "seppo: keep the last K LoRA snapshots as the reference pool (paper: 7); the initial weights are the first snapshot.")
     seppo_snapshot_every: int = _f(30, "seppo: add a LoRA snapshot to the pool every N optimizer steps (paper: 30).")
 
@@ -176,7 +176,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_error": ("raise", "skip"),
     "cache.dtype": ("float32", "float16", "bfloat16"),
     "objective.name": ("dpo", "sft", "gapo", "rwr", "kto", "mapo", "seppo"),
-    "objective.seppo_flipper": ("sign", "indicator", "none"),
+    "objective.seppo_flipper": ("sign", "indicator", "none", "reversed"),
     "objective.loss_type": ("sigmoid", "hinge", "ipo"),
     "objective.time_weighting": ("constant", "one_minus_t_sq"),
     "optim.optimizer": ("adamw", "adamw8bit"),

@@ -58,6 +58,7 @@ def test_flipper_decision_on_hand_made_errors():
     assert seppo_flip(policy_w, ref_w, "sign").tolist() == [1.0, -1.0, -1.0, 1.0]
     assert seppo_flip(policy_w, ref_w, "indicator").tolist() == [1.0, 0.0, 0.0, 1.0]
     assert seppo_flip(policy_w, ref_w, "none").tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert seppo_flip(policy_w, ref_w, "reversed").tolist() == [-1.0, 1.0, 1.0, -1.0]
     with pytest.raises(ValueError, match="flipper"):
         seppo_flip(policy_w, ref_w, "flop")
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from diffalign.objectives.dpo import PairErrors, implicit_accuracy
 
-FLIPPERS = ("sign", "indicator", "none")
+FLIPPERS = ("sign", "indicator", "none", "reversed")
 
 
 def seppo_flip(policy_w: torch.Tensor, ref_w: torch.Tensor, flipper: str = "sign") -> torch.Tensor:
@@ -48,6 +48,8 @@ def seppo_flip(policy_w: torch.Tensor, ref_w: torch.Tensor, flipper: str = "sign
         return 2.0 * better - 1.0
     if flipper == "indicator":
         return better
+    if flipper == "reversed":  # the opposite direction, to settle the paper's choice empirically (BENCHMARKS)
+        return 1.0 - 2.0 * better
     return torch.ones_like(better)
 
 
