@@ -59,9 +59,9 @@ def build_reward(spec: str, device: torch.device | str = "cpu") -> Reward:
     device = torch.device(device)
     path = Path(spec)
     if spec.startswith("world:"):  # a reward bundled with the embedded world, e.g. world:reward
-        import diffalign.world
+        from diffalign.world.demo import BUNDLED
 
-        bundled = Path(diffalign.world.__file__).parent / "bundled" / spec[len("world:"):]
+        bundled = BUNDLED / spec[len("world:"):]
         path = bundled if (bundled / "reward_config.json").is_file() else path
     if path.is_dir() and (path / "reward_config.json").is_file():
         try:

@@ -3,11 +3,12 @@ from diffalign.cli import _quiet_libraries
 _quiet_libraries()
 from diffalign.models import load_adapter
 from diffalign.config import load_config
+from diffalign.world.demo import RECIPES
 from diffalign.world.pairs import generate
 from diffalign.world.oracle import score
 from diffalign.world.scenes import prompt_splits
 kind, lora, tag = sys.argv[1], sys.argv[2], sys.argv[3]
-cfg = load_config("world-flow-dpo" if kind == "flow" else "world-unet-dpo")
+cfg = load_config(RECIPES[kind])
 ad = load_adapter(cfg.model)
 pipe = ad.pipe
 pipe.load_lora_weights(lora)
