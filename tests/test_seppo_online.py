@@ -273,3 +273,104 @@ def test_online_pairs_from_a_cache_score_against_the_cached_captions(make_cfg, t
     del batch["caption"]
     with pytest.raises(ConfigError, match="carry no captions.*Rebuild it"):
         trainer.compute_loss(batch, step_generator(0, 0, 0))
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def test_pool_save_load_round_trip_keeps_steps_names_and_tensors(tmp_path):
+    from diffalign.train.online import SnapshotPool
+
+    params = {"down.0.attn.to_q.lora_A.default.weight": nn.Parameter(torch.zeros(2, 3)),
+              "up.lora_B.weight": nn.Parameter(torch.zeros(3, dtype=torch.float64))}
+    pool = SnapshotPool(size=3, every=2)
+    for step in range(0, 9, 2):  # 5 snapshots into a pool of 3: steps 4, 6, 8 stay
+        with torch.no_grad():
+            for p in params.values():
+                p.copy_(torch.randn(p.shape, dtype=p.dtype))
+        pool.add(step, params)
+    pool.save(tmp_path / "pool.safetensors")
+    restored = SnapshotPool(size=3, every=2)
+    restored.add(0, params)  # whatever was there is replaced
+    restored.load(tmp_path / "pool.safetensors", params)
+    assert restored.steps == pool.steps == [4, 6, 8]
+    for i in range(3):
+        assert set(restored[i]) == set(params)
+        for n in params:
+            assert restored[i][n].dtype == params[n].dtype and torch.equal(restored[i][n], pool[i][n])
+    smaller = SnapshotPool(size=2, every=2)  # a smaller pool size on resume keeps the newest snapshots
+    smaller.load(tmp_path / "pool.safetensors", params)
+    assert smaller.steps == [6, 8] and torch.equal(smaller[1]["up.lora_B.weight"], pool[2]["up.lora_B.weight"])
+    with pytest.raises(RuntimeError, match="does not fit"):
+        restored.load(tmp_path / "pool.safetensors", {"other.weight": nn.Parameter(torch.zeros(1))})
+
+
+def _pool_copy(pool) -> tuple[list[int], list[dict[str, torch.Tensor]]]:
+    return list(pool.steps), [capture(pool[i]) for i in range(len(pool))]
+
+
+def test_seppo_resume_restores_the_pool_and_matches_an_uninterrupted_run(make_cfg, tmp_path):
+    """The pool is saved with every checkpoint; resuming from the step-2 checkpoint gives back exactly the pool the
+    uninterrupted run had at step 2, and the resumed steps 3-4 then match the uninterrupted ones."""
+    import shutil
+
+    from diffalign.train.checkpoint import list_checkpoints, load_checkpoint
+    from diffalign.train.online import POOL_FILE
+
+    common = ["objective.name=seppo", "objective.seppo_pool_size=2", "objective.seppo_snapshot_every=1",
+              "online.steps=2", "train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=2"]
+    pools = {}
+    straight = Trainer(make_cfg("sd15", *common, out=tmp_path / "a"), show_progress=False)
+    straight.setup()
+    result_a = straight.train(callback=lambda t: pools.setdefault(t.step, _pool_copy(t.pair_provider.pool)))
+    ckpt2 = tmp_path / "a" / "checkpoints" / "checkpoint-2"
+    assert (ckpt2 / POOL_FILE).is_file()
+
+    resumed = Trainer(make_cfg("sd15", *common, f"train.resume={ckpt2}", out=tmp_path / "b"), show_progress=False)
+    resumed.setup()
+    assert resumed.step == 2
+    steps, snaps = _pool_copy(resumed.pair_provider.pool)
+    assert steps == pools[2][0] == [1, 2]
+    for got, want in zip(snaps, pools[2][1]):
+        assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+    # the snapshot at step 2 is the checkpoint's own weights; the one at step 1 is NOT recoverable from them
+    trainable2 = load_checkpoint(ckpt2)["trainable"]
+    assert all(torch.equal(snaps[1][n].cpu(), trainable2[n]) for n in snaps[1])
+    assert not all(torch.equal(snaps[0][n].cpu(), trainable2[n]) for n in snaps[0])
+
+    result_b = resumed.train()
+    assert [h["step"] for h in result_b.history] == [3, 4]
+    for a, b in zip(result_a.history[2:], result_b.history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7) and b["ref_age"] == a["ref_age"]
+    final_a = load_checkpoint(list_checkpoints(tmp_path / "a")[-1])
+    final_b = load_checkpoint(list_checkpoints(tmp_path / "b")[-1])
+    assert final_a["state"]["step"] == final_b["state"]["step"] == 4
+    for k in final_a["trainable"]:
+        torch.testing.assert_close(final_b["trainable"][k], final_a["trainable"][k], rtol=1e-5, atol=1e-7)
+    assert resumed.pair_provider.pool.steps == straight.pair_provider.pool.steps == [3, 4]
+
+    # a checkpoint without the pool file (an older diffalign) still resumes, with a fresh pool of its weights
+    old = tmp_path / "old"
+    shutil.copytree(ckpt2, old)
+    (old / POOL_FILE).unlink()
+    fresh = Trainer(make_cfg("sd15", *common, f"train.resume={old}", out=tmp_path / "c"), show_progress=False)
+    fresh.setup()
+    assert fresh.pair_provider.pool.steps == [2]
+
+
+def test_online_pairs_resume_restores_the_refreshed_reference(make_cfg, tmp_path):
+    from diffalign.train.online import ONLINE_REFERENCE_FILE
+
+    common = ["online.enabled=true", "online.reward=brightness", "online.num_samples=2", "online.steps=2",
+              "online.refresh_every=2", "train.batch_size=2", "train.checkpoint_every=0"]
+    first = Trainer(make_cfg("sd15", *common, "train.max_steps=3", out=tmp_path / "o"), show_progress=False)
+    first.setup()
+    first.train()
+    # the final checkpoint (step 3) holds the reference refreshed at step 2, which differs from the step-3 weights
+    ckpt = tmp_path / "o" / "checkpoints" / "checkpoint-3"
+    assert (ckpt / ONLINE_REFERENCE_FILE).is_file()
+    again = Trainer(make_cfg("sd15", *common, "train.max_steps=4", out=tmp_path / "o"), show_progress=False)
+    again.setup()
+    assert again.step == 3
+    want, got = first.pair_provider.snapshot, again.pair_provider.snapshot
+    assert got is not None and all(torch.equal(got[n], want[n]) for n in want)
+    live = _lora(again)
+    assert not all(torch.equal(live[n], got[n]) for n in live)

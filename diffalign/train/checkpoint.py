@@ -1,7 +1,9 @@
 """Resumable checkpoints, written atomically: a temporary folder renamed into place, keep-last-K.
 
 A checkpoint holds only what training changes: the trainable weights (LoRA or full), optimizer,
-LR scheduler, grad scaler and EMA state, and the step counter. Frozen base weights are never copied
+LR scheduler, grad scaler and EMA state, the step counter, and the state of a pair provider
+(diffalign.train.online: SePPO's snapshot pool, the online reference) as safetensors files that the
+provider writes through ``extra_writer`` and reads back itself on resume. Frozen base weights are never copied
 (users' top complaint about "LoRA" checkpoints of several GB). Randomness needs no state: it is a
 pure function of (seed, step, rank), see train.randomness.
 """

@@ -300,15 +300,18 @@ class Trainer:
         if acc.is_main_process:
             scaler = acc.scaler.state_dict() if getattr(acc, "scaler", None) is not None else None
 
-            def write_lora(folder: Path) -> None:
+            def write_extra(folder: Path) -> None:
                 if self.cfg.lora.enabled:
                     with self._ema_weights():
                         self.adapter.save_lora(acc.unwrap_model(self.model), str(folder / "lora"))
+                provider = getattr(self, "pair_provider", None)
+                if provider is not None:  # SePPO's snapshot pool / the online reference, read back on resume
+                    provider.save_state(folder)
 
             path = ckpt.save_checkpoint(
                 self.out, self.step, trainable=self._trainable_state(), optimizer_state=self.optimizer.state_dict(),
                 scheduler_state=self.lr_scheduler.state_dict(), ema_state=self.ema.state_dict() if self.ema else None,
-                scaler_state=scaler, keep=self.cfg.train.keep_checkpoints, extra_writer=write_lora,
+                scaler_state=scaler, keep=self.cfg.train.keep_checkpoints, extra_writer=write_extra,
                 state={"nonfinite_steps": self.nonfinite_steps, "run": self.cfg.name},
             )
         acc.wait_for_everyone()

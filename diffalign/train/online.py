@@ -7,6 +7,11 @@ The loop (diffalign.train.loop) stays the DPO loop; a provider only changes two 
 
 and gets ``provider.after_step(step)`` after every optimizer step (snapshots, refreshes).
 
+Provider state is part of every checkpoint: ``provider.save_state(folder)`` writes it (safetensors, the tensors plus
+the steps they were taken at) next to the trainable weights, and a provider built for a resumed run
+(``trainer.resumed_from``) reads it back, so a resumed run draws from the same pool / refers to the same refreshed
+reference as the uninterrupted run would have (:data:`POOL_FILE`, :data:`ONLINE_REFERENCE_FILE`).
+
 * :class:`SePPOProvider` (objective.name=seppo): keeps a :class:`SnapshotPool` of past LoRA weights (one
   every ``seppo_snapshot_every`` updates, the last ``seppo_pool_size`` kept, the initial weights first). Each
   micro-step draws one snapshot uniformly (from the step's seeded generator, so a run is reproducible), loads
@@ -22,15 +27,48 @@ also on error; the swaps run under ``no_grad`` before the policy forward, so aut
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 from collections import deque
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from diffalign.config import ConfigError, RunConfig
 
+logger = logging.getLogger(__name__)
+
 Snapshot = dict[str, torch.Tensor]
+
+# checkpoint files written by the providers (inside checkpoints/checkpoint-N/)
+POOL_FILE = "seppo_pool.safetensors"  # SePPO: every pooled snapshot as "snapshot.<i>.<param>", steps in the metadata
+ONLINE_REFERENCE_FILE = "online_reference.safetensors"  # online pairs: the last refreshed reference LoRA
+_POOL_FORMAT = "diffalign-seppo-pool-v1"
+
+
+def save_snapshot_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors file of CPU copies of ``tensors`` (contiguous, dtype kept) with string ``metadata``."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def load_snapshot_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors on the CPU, metadata) of a file written by :func:`save_snapshot_file`; no pickle involved."""
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def _fit(snapshot: dict[str, torch.Tensor], params: dict[str, torch.Tensor], where: str) -> Snapshot:
+    """``snapshot`` moved to each parameter's device and dtype; RuntimeError if the names differ (another LoRA)."""
+    missing, unexpected = set(params) - set(snapshot), set(snapshot) - set(params)
+    if missing or unexpected:
+        raise RuntimeError(f"{where} does not fit this model's LoRA (missing {sorted(missing)[:3]}, unexpected "
+                           f"{sorted(unexpected)[:3]}): was it written with another lora/model config? "
+                           "Use train.resume=none or another train.output_dir.")
+    return {n: snapshot[n].to(device=p.device, dtype=p.dtype) for n, p in params.items()}
 
 
 # ----------------------------------------------------------------------------------------------- LoRA weights
@@ -96,6 +134,29 @@ class SnapshotPool:
 
     def __getitem__(self, i: int) -> Snapshot:
         return self.entries[i][1]
+
+    def save(self, path: str | Path) -> None:
+        """Write every snapshot to one safetensors file: tensor ``snapshot.<i>.<param name>`` (i = 0 the oldest),
+        metadata ``steps`` (JSON list, the step each was taken at), ``every`` and ``size``."""
+        tensors = {f"snapshot.{i}.{n}": t for i, (_, snap) in enumerate(self.entries) for n, t in snap.items()}
+        save_snapshot_file(path, tensors, {"format": _POOL_FORMAT, "steps": json.dumps(self.steps),
+                                           "every": str(self.every), "size": str(self.entries.maxlen)})
+
+    def load(self, path: str | Path, params: dict[str, torch.Tensor]) -> None:
+        """Replace the pool by the snapshots in ``path`` (written by :meth:`save`), each moved to the device and
+        dtype of ``params`` (the live LoRA parameters, whose names the file must hold exactly). A pool saved with
+        more entries than this pool's size keeps its newest ``size`` (the deque drops the oldest)."""
+        tensors, meta = load_snapshot_file(path)
+        if meta.get("format") != _POOL_FORMAT:
+            raise RuntimeError(f"{path}: not a SePPO pool file (format {meta.get('format')!r}, want {_POOL_FORMAT!r})")
+        steps = [int(s) for s in json.loads(meta["steps"])]
+        snaps: list[dict[str, torch.Tensor]] = [{} for _ in steps]
+        for key, t in tensors.items():
+            _, i, name = key.split(".", 2)  # "snapshot.<i>.<param name with dots>"
+            snaps[int(i)][name] = t
+        self.entries.clear()
+        for i, (step, snap) in enumerate(zip(steps, snaps)):
+            self.entries.append((step, _fit(snap, params, f"{path} (snapshot {i}, step {step})")))
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -170,6 +231,9 @@ class _Provider:
     def after_step(self, step: int) -> None:  # pragma: no cover - overridden
         pass
 
+    def save_state(self, folder: Path) -> None:
+        """Write what a resumed run needs into the checkpoint ``folder`` (nothing by default)."""
+
 
 class SePPOProvider(_Provider):
     """SePPO: loser = the drawn pool snapshot's sample for the winner's prompt; reference = that snapshot."""
@@ -178,9 +242,16 @@ class SePPOProvider(_Provider):
         super().__init__(trainer)
         o = self.cfg.objective
         self.pool = SnapshotPool(o.seppo_pool_size, o.seppo_snapshot_every)
-        # the weights training starts from (LoRA B = 0: the base model). The pool lives in memory only: a resumed
-        # run starts a fresh pool from the resumed weights (documented limitation)
-        self.pool.add(trainer.step, self.params)
+        resumed = getattr(trainer, "resumed_from", None)
+        if resumed is not None and (Path(resumed) / POOL_FILE).is_file():
+            # the pool as it was when the checkpoint was written (snapshots and their steps): the resumed run draws
+            # its references from exactly the snapshots the uninterrupted run would have drawn from
+            self.pool.load(Path(resumed) / POOL_FILE, self.params)
+        else:
+            if resumed is not None:  # a checkpoint written before pools were saved: the best we can do
+                logger.warning("%s has no %s (written by an older diffalign): the SePPO pool restarts from the "
+                               "resumed weights", resumed, POOL_FILE)
+            self.pool.add(trainer.step, self.params)  # the weights training starts from (LoRA B = 0: the base)
         self.current: int | None = None
 
     def pairs(self, trainer, x0_w: torch.Tensor, text: dict[str, torch.Tensor], captions: list[str] | None,
@@ -199,6 +270,9 @@ class SePPOProvider(_Provider):
 
     def after_step(self, step: int) -> None:
         self.pool.maybe_add(step, self.params)
+
+    def save_state(self, folder: Path) -> None:
+        self.pool.save(Path(folder) / POOL_FILE)
 
 
 class OnlinePairsProvider(_Provider):
@@ -219,6 +293,11 @@ class OnlinePairsProvider(_Provider):
         else:  # a reward with an 'overall' dimension already combines the others (the world oracle)
             self.weights = {"overall": 1.0} if "overall" in dims else {d: 1.0 for d in dims}
         self.snapshot: dict[str, torch.Tensor] | None = None  # None = the base model (adapters disabled)
+        resumed = getattr(trainer, "resumed_from", None)
+        if resumed is not None and (Path(resumed) / ONLINE_REFERENCE_FILE).is_file():
+            # the reference last refreshed before the checkpoint (not the resumed weights, unless they coincide)
+            tensors, _ = load_snapshot_file(Path(resumed) / ONLINE_REFERENCE_FILE)
+            self.snapshot = _fit(tensors, self.params, str(Path(resumed) / ONLINE_REFERENCE_FILE))
 
     def scalar_reward(self, latents: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
         """[N] weighted reward of the decoded latents (float32, on the CPU)."""
@@ -256,6 +335,10 @@ class OnlinePairsProvider(_Provider):
         every = self.cfg.online.refresh_every
         if every and step % every == 0:
             self.snapshot = capture(self.params)
+
+    def save_state(self, folder: Path) -> None:
+        if self.snapshot is not None:  # no file = the base model is the reference
+            save_snapshot_file(Path(folder) / ONLINE_REFERENCE_FILE, self.snapshot, {"format": "diffalign-online-reference-v1"})
 
 
 def build_provider(trainer):
