@@ -136,9 +136,11 @@ def _convention_banner(cfg) -> str:
         return (f"objective: Flow-RWR, loss = mean_i w_i err_θ(x_i) over winners AND losers as single images, "
                 f"w = N softmax(S/tau) (sum N), tau={o.tau:g}, {clip}; {scale}; no reference model")
     if o.name == "kto":
+        balance = " (rescaled by the data's class counts: kto_balance)" if o.kto_balance else ""
         return (f"objective: Diffusion-KTO, g = err_ref - err_θ, z0 = max(0, batch mean g) detached, "
-                f"loss = mean lambda_y (1 - σ(±beta (g - z0))), + for desirable (winners), - for undesirable "
-                f"(losers), beta={o.beta:g}, lambda_D={o.kto_lambda_desirable:g}, lambda_U={o.kto_lambda_undesirable:g}")
+                f"loss = mean lambda_y (1 - σ(±beta (g - z0))), + for desirable, - for undesirable images "
+                f"(unpaired data: each image's label, own ε and t; pair data: winners desirable, losers undesirable), "
+                f"beta={o.beta:g}, lambda_D={o.kto_lambda_desirable:g}, lambda_U={o.kto_lambda_undesirable:g}{balance}")
     if o.name == "mapo":
         return (f"objective: MaPO (reference-free), s(e) = γe/(exp(γe)-1) (decreasing), loss = mean err_θ(w) - "
                 f"{o.mapo_weight:g} * mean log σ({o.mapo_scale:g} (s(err_θ(w)) - s(err_θ(l)))), γ={o.mapo_gamma:g}; "
@@ -169,8 +171,11 @@ def cmd_train(args) -> int:
         lines = [
             "", "== diffalign train: summary ==",
             f"run            {cfg.name}  ({cfg.objective.name}, {cfg.model.family}, {result.steps} steps, {result.seconds:.1f}s)",
-            f"data           {trainer.data_source}: {c.get('pairs')} pairs used, {c.get('ties_dropped', 0)} ties dropped, "
-            f"{c.get('skipped', 0)} bad rows skipped",
+            (f"data           {trainer.data_source}: {c.get('samples')} labelled images used ({c.get('desirable')} "
+             f"desirable, {c.get('undesirable')} undesirable), {c.get('skipped', 0)} bad rows skipped"
+             if trainer.data_kind == "unpaired" else
+             f"data           {trainer.data_source}: {c.get('pairs')} pairs used, {c.get('ties_dropped', 0)} ties "
+             f"dropped, {c.get('skipped', 0)} bad rows skipped"),
             f"final window   loss {m.get('loss', float('nan')):.4f}, implicit acc {m.get('implicit_acc', float('nan')):.3f}, "
             f"grad norm {m.get('grad_norm', float('nan')):.3g}",
             f"non-finite     {result.nonfinite_steps} steps skipped",
@@ -200,10 +205,15 @@ def cmd_cache(args) -> int:
     adapter = load_adapter(cfg.model, device=device)
     manifest = build_cache(cfg, adapter)
     c = manifest["counts"]
+    if manifest.get("kind") == "unpaired":
+        what = (f"images    {c['samples']} labelled images encoded from {c['rows']} rows ({c['desirable']} desirable, "
+                f"{c['undesirable']} undesirable); {c['skipped']} bad rows skipped\n"
+                f"latents   {manifest['shapes']['latents']} per image\n")
+    else:
+        what = (f"pairs     {c['pairs']} encoded from {c['rows']} rows; {c['ties_dropped']} ties dropped; {c['skipped']} bad rows skipped\n"
+                f"latents   {manifest['shapes']['latents_w']} per image\n")
     print(f"\n== diffalign cache: summary ==\ncache     {cfg.cache.dir} ({len(manifest['shards'])} shards)\n"
-          f"pairs     {c['pairs']} encoded from {c['rows']} rows; {c['ties_dropped']} ties dropped; {c['skipped']} bad rows skipped\n"
-          f"latents   {manifest['shapes']['latents_w']} per image\n"
-          f"use it    diffalign train {args.config} cache.dir={cfg.cache.dir}")
+          + what + f"use it    diffalign train {args.config} cache.dir={cfg.cache.dir}")
     return 0
 
 

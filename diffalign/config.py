@@ -58,7 +58,8 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f("", "Preference data: parquet file/folder, datasets save_to_disk folder, .jsonl, .csv, a hub dataset id, or 'toy:pairs'.")
+    path: str = _f("", "Preference data: parquet file/folder, datasets save_to_disk folder, .jsonl, .csv, a hub dataset id, or 'toy:pairs'. Pairs (jpg_0/jpg_1 + label_0) for every objective; or UNPAIRED labelled images (one 'image' column, a caption and a desirable/undesirable column data.label_column; 'toy:unpaired') for objective.name=kto.")
+    label_column: str = _f("label", "Unpaired data (objective kto): the column holding each image's label: desirable/undesirable, true/false, 1/0, up/down or thumbs_up/thumbs_down (case-insensitive). A file with this column and one image column ('image' or 'jpg') and no pair columns is read as unpaired.")
     split: str = _f("train", "Split name for datasets folders and hub ids.")
     caption_column: str = _f("caption", "Column holding the prompt.")
     score_column: str | None = _f(None, "Per-image reward columns read with each pair and oriented with it (objectives gapo and rwr need them): a base name 'score' -> columns score_0/score_1 (the world's pairs parquet: score = oracle overall, or color, shape, background, layout), or two names 'col_a,col_b' for jpg_0/jpg_1. null = no scores.")
@@ -86,7 +87,7 @@ class CacheConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _f("dpo", "Training objective: dpo (Diffusion-DPO / Flow-DPO) | sft (plain denoising loss on winners) | gapo (DPO, each pair weighted by 2^S_w - 2^S_l) | rwr (Flow-RWR, reward-weighted loss on every image) | kto (Diffusion-KTO, winners desirable, losers undesirable) | mapo (MaPO, reference-free) | seppo (SePPO: winners only, the loser is sampled by a past-checkpoint reference drawn from a pool; LoRA only).")
+    name: str = _f("dpo", "Training objective: dpo (Diffusion-DPO / Flow-DPO) | sft (plain denoising loss on winners) | gapo (DPO, each pair weighted by 2^S_w - 2^S_l) | rwr (Flow-RWR, reward-weighted loss on every image) | kto (Diffusion-KTO: unpaired labelled images, or pairs read as winners desirable, losers undesirable) | mapo (MaPO, reference-free) | seppo (SePPO: winners only, the loser is sampled by a past-checkpoint reference drawn from a pool; LoRA only).")
     beta: float = _f(5000.0, "DPO/GAPO beta in the convention inside = -(beta/2)[(err_θ(w)-err_ref(w)) - (err_θ(l)-err_ref(l))], err = per-sample MEAN squared error. SD1.5/SDXL: 5000 (= diffusers' beta_dpo 2500); flow: 100-2000. Diffusion-KTO: the beta of σ(±beta (g - z0)), 1000 in the paper's code.")
     loss_type: str = _f("sigmoid", "sigmoid (-log σ(inside)) | hinge (relu(1 - inside)) | ipo ((inside/beta - 1/(2 beta))^2).")
     time_weighting: str = _f("constant", "Flow DPO beta over time: 'constant' (default, VideoAlign) or 'one_minus_t_sq' (beta (1-t)^2, ablation only: reward-hacks).")
@@ -97,6 +98,7 @@ class ObjectiveConfig:
     weight_clip: float | None = _f(4.0, "rwr: clip each weight at this value (>= 1) and redistribute the excess so weights still sum to N (default; keeps the effective sample size >= N/weight_clip). null = plain self-normalised exp weights.")
     kto_lambda_desirable: float = _f(1.0, "kto: weight λ_D of the desirable (winner) samples' loss.")
     kto_lambda_undesirable: float = _f(1.0, "kto: weight λ_U of the undesirable (loser) samples' loss.")
+    kto_balance: bool = _f(False, "kto: rescale λ_D and λ_U by the data's class counts, λ_D' = λ_D N/(2 n_D) and λ_U' = λ_U N/(2 n_U) (n_D, n_U = desirable/undesirable images of the whole dataset, N = n_D + n_U, counted before step 1), so both classes weigh alike in the expected loss whatever the desirable fraction; the λs used are printed. Pair data is balanced already (no change). KTO (Ethayarajh et al. 2024) recommends λ_D n_D / (λ_U n_U) in [1, 4/3]: with kto_balance it is λ_D/λ_U.")
     mapo_gamma: float = _f(0.5, "mapo: γ of s(err) = γ err / (exp(γ err) - 1) (the official snr_value).")
     mapo_weight: float = _f(0.1, "mapo: weight λ of the margin term, loss = err_θ(w) - λ log σ(scale (s(err_w) - s(err_l))) (the official beta_mapo).")
     mapo_scale: float = _f(1000.0, "mapo: multiplier of the margin inside log σ (the official code uses num_train_timesteps = 1000).")
@@ -323,6 +325,10 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"objective.weight_clip must be >= 1 (weights average 1) or null, got {o.weight_clip}")
     if o.kto_lambda_desirable < 0 or o.kto_lambda_undesirable < 0:
         raise ConfigError("objective.kto_lambda_desirable and objective.kto_lambda_undesirable must be >= 0")
+    if o.kto_balance and o.name != "kto":
+        raise ConfigError(f"objective.kto_balance=true applies to objective.name=kto only, not {o.name!r}")
+    if not cfg.data.label_column.strip():
+        raise ConfigError("data.label_column is empty: name the column holding unpaired images' labels (default 'label')")
     if o.mapo_gamma <= 0 or o.mapo_scale <= 0 or o.mapo_weight < 0:
         raise ConfigError("objective.mapo_gamma and objective.mapo_scale must be > 0, objective.mapo_weight >= 0")
     # the DPO-logit options mean nothing to the other objectives: refuse them instead of silently ignoring them

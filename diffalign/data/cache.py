@@ -13,6 +13,11 @@ Training compares the manifest with its own config and refuses a cache that diff
 differing key with both values. Augmentation (crop, flip) is frozen at cache time with data seed 0
 of the run that built it; prompt dropout stays a training-time choice.
 
+Unpaired labelled images (Diffusion-KTO data, diffalign.data.unpaired) cache the same way, one image per row:
+the manifest says ``"kind": "unpaired"`` (absent = ``"pairs"``) and its shards hold ``latents`` [N,C,h,w],
+``desirable`` [N] (bool), ``text.<key>``, ``original_size``, ``crop_top_left`` [N,2] and ``row`` [N]; the counts are
+rows, samples, desirable, undesirable and skipped, and ``data.label_column`` is a manifest key.
+
 Per-image scores (GAPO, Flow-RWR) are part of the cache's identity: ``data.score_column`` is a manifest key,
 so a cache built without scores is refused for a run that asks for them (and the other way round), with a
 message saying to rebuild it with the score column.
@@ -72,7 +77,11 @@ def expected_manifest_keys(cfg: RunConfig) -> dict[str, Any]:
     """The part of a manifest that must equal the run's config for the cache to be usable."""
     from diffalign.data.loading import resolve_data_path
 
+    from diffalign.data.loading import data_kind_of
+
     data_path = resolve_data_path(cfg.data.path)
+    # unpaired data only: a key absent from pair caches (old ones included) must not make them mismatch
+    unpaired = {"data.label_column": cfg.data.label_column} if data_kind_of(cfg.data) == "unpaired" else {}
     return {
         "model.family": cfg.model.family,
         "model.pretrained": cfg.model.pretrained,
@@ -97,6 +106,7 @@ def expected_manifest_keys(cfg: RunConfig) -> dict[str, Any]:
         "data.fps": float(cfg.data.fps) if cfg.data.num_frames is not None else None,
         "data.dimension_weights": ({str(k): float(v) for k, v in cfg.data.dimension_weights.items()}
                                    if cfg.data.dimension_weights is not None else None),
+        **unpaired,
     }
 
 
@@ -133,14 +143,40 @@ def check_manifest(cache_dir: str | Path, cfg: RunConfig) -> dict:
     return manifest
 
 
+def _encode_pairs(adapter, batch: dict, store: torch.dtype) -> dict[str, torch.Tensor]:
+    """One collated pair batch -> the shard tensors of its pairs (latents of winners and losers in one VAE call)."""
+    latents = adapter.encode_images(torch.cat([batch["pixels_w"], batch["pixels_l"]]))
+    nb = batch["pixels_w"].shape[0]
+    text = adapter.encode_prompts(batch["caption"])
+    return {
+        "latents_w": latents[:nb].to(store).cpu(), "latents_l": latents[nb:].to(store).cpu(),
+        "original_size_w": batch["original_size_w"], "original_size_l": batch["original_size_l"],
+        "crop_top_left": batch["crop_top_left"], "row": torch.tensor(batch["row"], dtype=torch.long),
+        **{f"text.{k}": v.to(store).cpu() for k, v in text.items()},
+        # rewards stay float32 whatever cache.dtype: bf16 would round a [0, 1] score to ~3 digits
+        **{k: batch[k].float() for k in ("score_w", "score_l") if k in batch},
+    }
+
+
+def _encode_samples(adapter, batch: dict, store: torch.dtype) -> dict[str, torch.Tensor]:
+    """One collated batch of labelled images -> the shard tensors of its images (labels stay bool)."""
+    text = adapter.encode_prompts(batch["caption"])
+    return {
+        "latents": adapter.encode_images(batch["pixels"]).to(store).cpu(), "desirable": batch["desirable"].bool(),
+        "original_size": batch["original_size"], "crop_top_left": batch["crop_top_left"],
+        "row": torch.tensor(batch["row"], dtype=torch.long), **{f"text.{k}": v.to(store).cpu() for k, v in text.items()},
+    }
+
+
 def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, show_progress: bool = True) -> dict:
-    """Encode every usable pair of ``cfg.data`` with ``adapter`` into ``out_dir`` (default cfg.cache.dir).
+    """Encode every usable pair (or, for unpaired data, every labelled image) of ``cfg.data`` with ``adapter`` into
+    ``out_dir`` (default cfg.cache.dir).
 
     Written to a temporary sibling folder and renamed into place, so an interrupted run leaves no
     half-cache behind. Returns the manifest.
     """
-    from diffalign.data.loading import dataset_for, load_source_for
-    from diffalign.data.preference import collate_pairs, score_columns_from
+    from diffalign.data.loading import collate_for, dataset_for, load_source_for
+    from diffalign.data.preference import score_columns_from
     from diffalign.models.base import DTYPES
 
     out_dir = Path(out_dir or cfg.cache.dir or "")
@@ -148,6 +184,9 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
         raise ValueError("no cache folder: set cache.dir=PATH")
     source = load_source_for(cfg.data)
     dataset = dataset_for(cfg.data, source, seed=0)
+    collate = collate_for(source)
+    unpaired = source.kind == "unpaired"
+    encode, unit = (_encode_samples, "samples") if unpaired else (_encode_pairs, "pairs")
     store = DTYPES[cfg.cache.dtype]
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -160,6 +199,7 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
     skipped_decode: list[tuple[int, str]] = []
     captions: list[str] = []  # in cache order: online pair providers score their samples against them
     n_written = 0
+    n_desirable = 0  # unpaired data: desirable images written (decode failures excluded)
 
     def flush(limit: int | None = None) -> None:
         """Write the first ``limit`` buffered pairs (all if None) as one shard; keep the rest buffered."""
@@ -170,12 +210,12 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
         n = tensors["row"].shape[0] if limit is None else limit
         name = f"shard-{len(shards):05d}.safetensors"
         save_file({k: v[:n].contiguous() for k, v in tensors.items()}, str(tmp / name))
-        shards.append({"file": name, "pairs": n})
+        shards.append({"file": name, unit: n})
         rest = tensors["row"].shape[0] - n
         buffer = {k: [v[n:]] for k, v in tensors.items()} if rest else {}
 
     bs = cfg.cache.batch_size
-    bar = tqdm(total=len(dataset), desc="caching pairs", unit="pair", disable=not show_progress)
+    bar = tqdm(total=len(dataset), desc=f"caching {unit}", unit=unit[:-1], disable=not show_progress)
     for start in range(0, len(dataset), bs):
         items = []
         for i in range(start, min(start + bs, len(dataset))):
@@ -185,20 +225,13 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
                 skipped_decode.append((rec.row, "corrupt, unreadable or too short image/video"))
             items.append(item)
         bar.update(len(items))
-        batch = collate_pairs(items)
-        if batch.get("pixels_w") is None:
+        batch = collate(items)
+        if "row" not in batch:  # every item of this batch failed to decode (skip mode)
             continue
-        latents = adapter.encode_images(torch.cat([batch["pixels_w"], batch["pixels_l"]]))
-        nb = batch["pixels_w"].shape[0]
-        text = adapter.encode_prompts(batch["caption"])
-        rows = {
-            "latents_w": latents[:nb].to(store).cpu(), "latents_l": latents[nb:].to(store).cpu(),
-            "original_size_w": batch["original_size_w"], "original_size_l": batch["original_size_l"],
-            "crop_top_left": batch["crop_top_left"], "row": torch.tensor(batch["row"], dtype=torch.long),
-            **{f"text.{k}": v.to(store).cpu() for k, v in text.items()},
-            # rewards stay float32 whatever cache.dtype: bf16 would round a [0, 1] score to ~3 digits
-            **{k: batch[k].float() for k in ("score_w", "score_l") if k in batch},
-        }
+        rows = encode(adapter, batch, store)
+        nb = len(batch["row"])
+        if unpaired:
+            n_desirable += int(batch["desirable"].sum())
         for k, v in rows.items():
             buffer.setdefault(k, []).append(v)
         captions.extend(batch["caption"])
@@ -209,17 +242,21 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
     bar.close()
     if n_written == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"{cfg.data.path}: no usable pairs to cache (all rows were ties or bad)")
+        raise ValueError(f"{cfg.data.path}: no usable {unit} to cache (all rows were " +
+                         ("bad or unreadable)" if unpaired else "ties or bad)"))
 
     with safe_open(str(tmp / shards[0]["file"]), "pt") as f:
         shapes = {k: list(f.get_slice(k).get_shape()[1:]) for k in f.keys()}
-    counts = {
-        "rows": source.counts.rows, "pairs": n_written, "ties_dropped": source.counts.ties_dropped,
-        "skipped": len(source.counts.skipped) + len(skipped_decode),
-        "skipped_rows": [list(x) for x in (list(source.counts.skipped) + skipped_decode)][:100],
-    }
+    skipped = {"skipped": len(source.counts.skipped) + len(skipped_decode),
+               "skipped_rows": [list(x) for x in (list(source.counts.skipped) + skipped_decode)][:100]}
+    if unpaired:  # class counts of what was written (decode failures removed): kto_balance reads them
+        counts = {"rows": source.counts.rows, "samples": n_written, "desirable": n_desirable,
+                  "undesirable": n_written - n_desirable, **skipped}
+    else:
+        counts = {"rows": source.counts.rows, "pairs": n_written, "ties_dropped": source.counts.ties_dropped, **skipped}
     manifest = {
         "format_version": FORMAT_VERSION,
+        "kind": source.kind,
         "keys": expected_manifest_keys(cfg),
         "preprocessing": {"vae_latent": "posterior mean, (z - shift) * scaling", "augmentation_seed": 0,
                           "pixel_range": "[-1, 1]", "dtype": cfg.cache.dtype},
@@ -241,13 +278,15 @@ def build_cache(cfg: RunConfig, adapter, out_dir: str | Path | None = None, *, s
 class CachedPairDataset(torch.utils.data.Dataset):
     """Pairs read lazily from a cache's shards; items match the on-the-fly dataset plus ``text``."""
 
+    unit = "pairs"  # the manifest's per-shard count key
+
     def __init__(self, cache_dir: str | Path, manifest: dict):
         self.dir = Path(cache_dir)
         self.manifest = manifest
         self.text_keys = manifest["adapter"]["text_keys"]
         self.index: list[tuple[int, int]] = []
         for s, shard in enumerate(manifest["shards"]):
-            self.index.extend((s, j) for j in range(shard["pairs"]))
+            self.index.extend((s, j) for j in range(shard[self.unit]))
         self._handles: dict[int, Any] = {}
         with safe_open(str(self.dir / "empty_prompt.safetensors"), "pt") as f:
             self.empty_text = {k[len("text."):]: f.get_tensor(k).float() for k in f.keys()}
@@ -292,6 +331,35 @@ class CachedPairDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_handles"] = {}
         return state
+
+
+class CachedSampleDataset(CachedPairDataset):
+    """Labelled images of an unpaired cache (``kind: unpaired``); items match the on-the-fly
+    :class:`~diffalign.data.unpaired.LabelledImageDataset` with ``latents`` instead of ``pixels``, plus ``text``."""
+
+    unit = "samples"
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i = key[0] if isinstance(key, tuple) else key
+        s, j = self.index[i]
+        f = self._shard(s)
+        item = {k: f.get_slice(k)[j:j + 1][0] for k in f.keys()}
+        return {
+            "latents": item["latents"].float(), "desirable": item["desirable"].bool(),
+            "text": {k: item[f"text.{k}"].float() for k in self.text_keys},
+            "original_size": item["original_size"], "crop_top_left": item["crop_top_left"], "row": int(item["row"]),
+            **({"caption": self.captions[i]} if self.captions is not None else {}),
+        }
+
+    def scores(self) -> None:
+        """Unpaired caches hold labels, not reward scores."""
+        return None
+
+
+def cached_dataset(cache_dir: str | Path, manifest: dict) -> CachedPairDataset:
+    """The cache's dataset for its manifest's kind (pairs, or unpaired labelled images)."""
+    kind = manifest.get("kind", "pairs")
+    return (CachedSampleDataset if kind == "unpaired" else CachedPairDataset)(cache_dir, manifest)
 
 
 def collate_cached(items: list[dict]) -> dict:

@@ -45,7 +45,7 @@ import numbers
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from PIL import Image
@@ -100,6 +100,7 @@ class PreferenceSource:
     the latent cache. ``parts`` lists ``(file, first_row)`` for multi-file sources (for messages).
     """
 
+    kind: ClassVar[str] = "pairs"  # vs "unpaired" (diffalign.data.unpaired.LabelledImageSource)
     name: str
     records: list[PairRecord]
     counts: SourceCounts
@@ -479,7 +480,9 @@ def _columns(where: str, names: list[str], caption_column: str) -> tuple[tuple[s
             f"{where}: missing required column(s): {', '.join(missing)}; columns present: "
             f"{', '.join(names) if names else '(none)'}. Preference data needs jpg_0 and jpg_1 (image bytes, or "
             "image file paths in .jsonl/.csv; image_0/image_1 are accepted too), label_0, and the caption "
-            f"column (data.caption_column={caption_column!r}: set it if the prompt lives in another column).")
+            f"column (data.caption_column={caption_column!r}: set it if the prompt lives in another column). "
+            "Unpaired labelled images (one 'image' column and a desirable/undesirable 'label' column, see "
+            "data.label_column) are read by `diffalign train` for objective.name=kto.")
     assert images is not None
     return images, "label_1" in names
 

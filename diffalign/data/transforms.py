@@ -142,6 +142,16 @@ class JointTransform:
                         crop_top_left=(top, left), flipped=flipped)
         return pixels_w, pixels_l, meta
 
+    def single(self, image: Image.Image, generator: torch.Generator
+               ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """One unpaired image (Diffusion-KTO data): ``(pixels [3,R,R], original_size (h, w), crop_top_left (top,
+        left))`` by the same rules and the same draws (flip, then top, then left) as a pair's."""
+        img = image if image.mode == "RGB" else image.convert("RGB")
+        original = (img.height, img.width)
+        img = self._resize(img)
+        flipped, top, left = self._plan([(img.height, img.width)], generator)
+        return _to_tensor(self._apply(img, flipped, top, left)), original, (top, left)
+
     def videos(self, frames_w: np.ndarray, frames_l: np.ndarray,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, PairMeta]:
         """A video pair: uint8 ``[F, H, W, 3]`` each -> ``(pixels_w [3,F,R,R], pixels_l [3,F,R,R], PairMeta)``.

@@ -2,14 +2,17 @@
 
 The training loop asks an :class:`Objective` three questions (does it read losers? does it need the
 reference model? does it need a reward score per image?) and calls it with a :class:`PairErrors`.
-Adding an objective = one function + one entry in :data:`OBJECTIVES`.
+On UNPAIRED data (single images labelled desirable / undesirable, diffalign.data.unpaired) it calls the
+objective's ``sample_fn`` with a :class:`SampleErrors` instead; objectives without one need pairs and
+refuse such data. Adding an objective = one function + one entry in :data:`OBJECTIVES`.
 
     name   losers  reference  scores   what
     dpo    yes     yes        no       Diffusion-DPO / Flow-DPO (dpo.py)
     sft    no      no         no       plain denoising / flow-matching loss on winners (sft.py)
     gapo   yes     yes        yes      DPO with each pair weighted by 2^S_w - 2^S_l (gapo.py)
     rwr    yes     no         yes      Flow-RWR: reward-weighted loss on winners AND losers as images (rwr.py)
-    kto    yes     yes        no       Diffusion-KTO: winners desirable, losers undesirable, unpaired (kto.py)
+    kto    yes     yes        no       Diffusion-KTO: unpaired labelled images, or pairs as winners desirable and
+                                       losers undesirable (kto.py); the only objective with a sample_fn
     mapo   yes     no         no       MaPO: reference-free margin + SFT on winners (mapo.py)
     seppo  sampled yes        no       SePPO: data winners vs a pooled past checkpoint's own sample (seppo.py)
 """
@@ -22,7 +25,7 @@ import torch
 
 from diffalign.objectives.dpo import PairErrors, dpo_loss, implicit_accuracy
 from diffalign.objectives.gapo import check_gapo_scores, gapo_loss
-from diffalign.objectives.kto import kto_loss
+from diffalign.objectives.kto import kto_loss, kto_sample_loss
 from diffalign.objectives.mapo import mapo_loss
 from diffalign.objectives.rwr import rwr_loss, rwr_weights
 from diffalign.objectives.seppo import seppo_flip, seppo_loss
@@ -48,6 +51,9 @@ class Objective:
     # the loser slot is filled by the training loop's sampler (diffalign.train.online), not read from the data;
     # the reference is then whatever that component loads (a pooled LoRA snapshot for SePPO)
     generates_losers: bool = False
+    # ``sample_fn(samples, objective_cfg) -> (loss, metrics)`` on a batch of N single labelled images (unpaired
+    # data: each with its own ε and t); None = the objective needs pairs, and the loop refuses unpaired data
+    sample_fn: Callable[[SampleErrors, "object"], tuple[torch.Tensor, dict[str, float]]] | None = None
 
     def __call__(self, errors: PairErrors, cfg) -> tuple[torch.Tensor, dict[str, float]]:
         return self.fn(errors, cfg)
@@ -75,6 +81,7 @@ OBJECTIVES: dict[str, Objective] = {
     "kto": Objective(
         "kto", uses_losers=True, needs_reference=True,
         fn=lambda e, c: kto_loss(e, c.beta, c.kto_lambda_desirable, c.kto_lambda_undesirable),
+        sample_fn=lambda s, c: kto_sample_loss(s, c.beta, c.kto_lambda_desirable, c.kto_lambda_undesirable),
     ),
     "mapo": Objective(
         "mapo", uses_losers=True, needs_reference=False,
@@ -95,5 +102,5 @@ def get_objective(name: str) -> Objective:
 
 
 __all__ = ["Objective", "OBJECTIVES", "PairErrors", "SampleErrors", "dpo_loss", "gapo_loss", "get_objective",
-           "implicit_accuracy", "kto_loss", "mapo_loss", "pairs_as_samples", "rwr_loss", "rwr_weights",
+           "implicit_accuracy", "kto_loss", "kto_sample_loss", "mapo_loss", "pairs_as_samples", "rwr_loss", "rwr_weights",
            "scaled_scores", "seppo_flip", "seppo_loss", "sft_loss"]

@@ -10,10 +10,14 @@ Convention (printed by `diffalign train`), per single image x_i with label y_i �
 as our DPO; note DPO's β enters as β/2, KTO's as β). λ_desirable = λ_undesirable = 1 by default.
 At policy == reference g = 0, z0 = 0 and the loss is λ/2 per sample.
 
-KTO is unpaired: it needs only a good/bad label per image. From a pair source the loop's batch of B pairs is
-read as 2B single images, winners desirable and losers undesirable (so the two classes are balanced 1:1;
-the official example instead samples 80% desirable images, ``positive_ratio 0.8``, which λ can only
-approximate). The winner and loser of one pair share ε and t, which KTO does not need but does not mind.
+KTO is unpaired: it needs only a good/bad label per image. On UNPAIRED data (diffalign.data.unpaired: one image,
+caption and desirable/undesirable label per row) the loop hands :func:`kto_sample_loss` a batch of B labelled
+images, each with its own ε and t, and the classes come in the data's own proportion. From a pair source the
+loop's batch of B pairs is read as 2B single images by :func:`kto_loss`, winners desirable and losers undesirable
+(the classes balanced 1:1; the winner and loser of one pair share ε and t, which KTO does not need but does not
+mind). The official example samples 80% desirable images (``positive_ratio 0.8``); a different desirable fraction
+is weighted by λ_D / λ_U (``objective.kto_balance`` rescales them by the data's class counts so that both classes
+weigh alike in the expected loss; the loop passes the rescaled λs, this function just applies them).
 
 z0 is the mean over this process's micro-batch. The official code additionally averages it over processes
 (``accelerator.reduce``); per-process z0 keeps this a pure function and differs only by batch noise.

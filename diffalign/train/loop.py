@@ -12,11 +12,17 @@ Per optimizer step (per micro-step when accumulating):
        -> objective(PairErrors) -> (loss, metrics);
     4. NaN/inf guard (agreed across ranks), backward, clip, step, EMA, log, checkpoint.
 
+Unpaired data (diffalign.data.unpaired: single images labelled desirable / undesirable, for Diffusion-KTO) runs
+through the same loop; only steps 1-3 read a batch of B labelled images instead of B pairs: B rows, each with its
+OWN (t, ε), one reference and one policy forward over them, -> objective.sample_fn(SampleErrors). The kind of data
+(pairs / unpaired) is known before the model loads, and an objective without a sample_fn refuses unpaired data.
+
 The loop never branches on the model family: that lives in the adapter (diffalign.models).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -29,7 +35,7 @@ from torch import nn
 
 from diffalign.config import ConfigError, RunConfig, config_to_dict, dump_config
 from diffalign.models.base import DTYPES
-from diffalign.objectives import PairErrors, get_objective
+from diffalign.objectives import PairErrors, SampleErrors, get_objective
 from diffalign.train import checkpoint as ckpt
 from diffalign.train.optim import build_lr_scheduler, build_optimizer
 from diffalign.train.randomness import PairBatchSampler, mix_seed, step_generator
@@ -94,6 +100,18 @@ class Trainer:
             raise ConfigError(f"objective.name={cfg.objective.name} needs a reward score per image: set data.score_column "
                               "(e.g. data.score_column=score for the world's pairs parquet, which has score_0/score_1 "
                               "oracle scores; or 'col_a,col_b' for your own columns)")
+        from diffalign.data.loading import data_kind
+
+        self.data_kind = data_kind(cfg)  # 'pairs' or 'unpaired', from column names or the cache manifest
+        if self.data_kind == "unpaired" and self.objective.sample_fn is None:  # before any model is loaded
+            where = f"cache.dir={cfg.cache.dir}" if cfg.cache.dir else f"data.path={cfg.data.path}"
+            raise ConfigError(
+                f"objective.name={cfg.objective.name} needs preference pairs, but {where} holds UNPAIRED labelled "
+                f"images (one image and a desirable/undesirable label per row, column {cfg.data.label_column!r}). "
+                "Train them with objective.name=kto, or give pair data (jpg_0/jpg_1 + label_0) for "
+                f"objective.name={cfg.objective.name}.")
+        # the objective's settings as the loop passes them (kto_balance replaces the λs once the data is counted)
+        self.objective_cfg = cfg.objective
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -146,29 +164,51 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg = self.cfg
         if cfg.cache.dir:
-            from diffalign.data.cache import CachedPairDataset, check_manifest, collate_cached
+            from diffalign.data.cache import cached_dataset, check_manifest, collate_cached
 
             manifest = check_manifest(cfg.cache.dir, cfg)
-            self.dataset = CachedPairDataset(cfg.cache.dir, manifest)
+            self.dataset = cached_dataset(cfg.cache.dir, manifest)
             self.collate = collate_cached
             self.empty_text = {k: v.to(self.accelerator.device) for k, v in self.dataset.empty_text.items()}
             self.data_counts = dict(manifest["counts"])
             self.data_counts.pop("skipped_rows", None)
             self.data_source = f"cache {cfg.cache.dir}"
         else:
-            from diffalign.data.loading import dataset_for, load_source_for
-            from diffalign.data.preference import collate_pairs
+            from diffalign.data.loading import collate_for, dataset_for, load_source_for
 
             source = load_source_for(cfg.data)
             self.dataset = dataset_for(cfg.data, source, seed=cfg.train.seed)
-            self.collate = collate_pairs
+            self.collate = collate_for(source)
             self.empty_text = None
-            self.data_counts = {"rows": source.counts.rows, "pairs": len(source.records),
-                                "ties_dropped": source.counts.ties_dropped, "skipped": len(source.counts.skipped)}
+            if source.kind == "unpaired":
+                self.data_counts = source.count_dict()
+            else:
+                self.data_counts = {"rows": source.counts.rows, "pairs": len(source.records),
+                                    "ties_dropped": source.counts.ties_dropped, "skipped": len(source.counts.skipped)}
             self.data_source = f"{cfg.data.path} (encoded on the fly)"
         self.skipped_rows: set[int] = set()  # decode failures in skip mode, each row counted once
         if self.objective.check_scores is not None:
             self._check_scores()
+        if cfg.objective.kto_balance:
+            self._balance_kto()
+
+    def _balance_kto(self) -> None:
+        """objective.kto_balance: λ_D' = λ_D N/(2 n_D), λ_U' = λ_U N/(2 n_U) from the whole dataset's class counts
+        (pairs: n_D = n_U = pairs, no change), so each class weighs alike in the expected loss."""
+        c = self.data_counts
+        n_d, n_u = (c["desirable"], c["undesirable"]) if self.data_kind == "unpaired" else (c["pairs"], c["pairs"])
+        o = self.cfg.objective
+        if n_d == 0 or n_u == 0:  # one class only: nothing to balance against
+            self.accelerator.print(f"[diffalign] objective.kto_balance: the data has {n_d} desirable and {n_u} "
+                                   "undesirable images; λs left unchanged")
+            return
+        total = n_d + n_u
+        self.objective_cfg = dataclasses.replace(o, kto_lambda_desirable=o.kto_lambda_desirable * total / (2 * n_d),
+                                                 kto_lambda_undesirable=o.kto_lambda_undesirable * total / (2 * n_u))
+        self.accelerator.print(
+            f"[diffalign] objective.kto_balance: {n_d} desirable / {n_u} undesirable images -> "
+            f"lambda_D={self.objective_cfg.kto_lambda_desirable:.4g}, "
+            f"lambda_U={self.objective_cfg.kto_lambda_undesirable:.4g}")
 
     def _check_scores(self) -> None:
         """Run the objective's data check over EVERY pair's scores once, so bad data fails before step 1."""
@@ -191,7 +231,8 @@ class Trainer:
     def _loader(self, start_micro_step: int):
         acc = self.accelerator
         sampler = PairBatchSampler(len(self.dataset), self.cfg.train.batch_size, self.cfg.train.seed,
-                                   rank=acc.process_index, world=acc.num_processes, start_micro_step=start_micro_step)
+                                   rank=acc.process_index, world=acc.num_processes, start_micro_step=start_micro_step,
+                                   unit="labelled images" if self.data_kind == "unpaired" else "pairs")
         self._sampler = sampler
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate,
                                              num_workers=self.cfg.data.num_workers,
@@ -199,35 +240,49 @@ class Trainer:
         return iter(loader)
 
     def _next_batch(self, data_iter, micro_step: int) -> dict:
-        """The next non-empty micro-batch; pairs whose images failed to decode (skip mode) are recorded."""
+        """The next non-empty micro-batch; pairs (or labelled images) whose images failed to decode (skip mode) are
+        recorded."""
         while True:
             batch = next(data_iter)
             if batch.get("skipped"):
                 records = self.dataset.source.records
                 requested = {records[i].row for i, _ in self._sampler.micro_batch(micro_step)}
                 self.skipped_rows |= requested - set(batch.get("row") or [])
-            if batch.get("pixels_w", 0) is not None:  # an all-failed micro-batch is replaced by the next one
+            if "row" in batch:  # an all-failed micro-batch carries no rows: it is replaced by the next one
                 return batch
             micro_step += 1
 
     # ------------------------------------------------------------------ one micro-step
+    def _drop_prompts_text(self, text: dict[str, torch.Tensor], n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Cached conditioning with prompt dropout: each row is the empty prompt's with probability p (one draw
+        of ``n`` uniforms from ``gen``; none when p = 0)."""
+        p = self.cfg.data.prompt_dropout
+        if p <= 0:
+            return text
+        dev = self.accelerator.device
+        drop = torch.rand(n, generator=gen) < p
+        out = {}
+        for k, v in text.items():
+            mask = drop.to(dev).view((-1,) + (1,) * (v.ndim - 1))
+            out[k] = torch.where(mask, self.empty_text[k].expand_as(v), v)
+        return out
+
+    def _drop_prompts_captions(self, captions: list[str], gen: torch.Generator) -> list[str]:
+        """Captions with prompt dropout ('' with probability p; the same draw as :meth:`_drop_prompts_text`)."""
+        p = self.cfg.data.prompt_dropout
+        if p <= 0:
+            return captions
+        drop = torch.rand(len(captions), generator=gen) < p
+        return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
     def model_inputs(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict, dict, dict]:
         """(x0_w, x0_l, text [B,...], micro_w, micro_l) on device; prompt dropout applied here for both paths."""
         dev = self.accelerator.device
-        p = self.cfg.data.prompt_dropout
         if "latents_w" in batch:
             x0_w, x0_l = batch["latents_w"].to(dev), batch["latents_l"].to(dev)
-            text = {k: v.to(dev) for k, v in batch["text"].items()}
-            if p > 0:
-                drop = torch.rand(x0_w.shape[0], generator=gen) < p
-                for k, v in text.items():
-                    mask = drop.to(dev).view((-1,) + (1,) * (v.ndim - 1))
-                    text[k] = torch.where(mask, self.empty_text[k].expand_as(v), v)
+            text = self._drop_prompts_text({k: v.to(dev) for k, v in batch["text"].items()}, x0_w.shape[0], gen)
         else:
-            captions = list(batch["caption"])
-            if p > 0:
-                drop = torch.rand(len(captions), generator=gen) < p
-                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            captions = self._drop_prompts_captions(list(batch["caption"]), gen)
             # a pair provider samples the losers itself: do not VAE-encode the data's
             uses_l = self.objective.uses_losers and getattr(self, "pair_provider", None) is None
             pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]]) if uses_l else batch["pixels_w"]
@@ -239,7 +294,46 @@ class Trainer:
         micro_l = {"original_size": batch["original_size_l"].to(dev), "crop_top_left": batch["crop_top_left"].to(dev)}
         return x0_w, x0_l, text, micro_w, micro_l
 
+    def sample_inputs(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict, dict]:
+        """Unpaired data: (x0 [B,...], text [B,...], micro) of B labelled images on device, prompt dropout applied."""
+        dev = self.accelerator.device
+        if "latents" in batch:
+            x0 = batch["latents"].to(dev)
+            text = self._drop_prompts_text({k: v.to(dev) for k, v in batch["text"].items()}, x0.shape[0], gen)
+        else:
+            captions = self._drop_prompts_captions(list(batch["caption"]), gen)
+            x0 = self.adapter.encode_images(batch["pixels"].to(dev))
+            text = self.adapter.encode_prompts(captions)
+        micro = {"original_size": batch["original_size"].to(dev), "crop_top_left": batch["crop_top_left"].to(dev)}
+        return x0, text, micro
+
+    def _errors(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, text: dict, micro: dict,
+                provider=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-row (policy error [N], reference error [N] or None) at the given (t, ε): one reference forward
+        without grad (when the objective needs it; ``provider``'s reference, the frozen copy, or the LoRA network
+        with adapters disabled) and one policy forward over the same N rows."""
+        adapter = self.adapter
+        x_t = adapter.add_noise(x0, eps, t)
+        target = adapter.target(x0, eps, t)
+        ref_err = None
+        if self.objective.needs_reference:
+            with torch.no_grad():
+                if self.reference is not None:
+                    ref_pred = adapter.predict(self.reference, x_t, t, text, micro)
+                else:
+                    unwrapped = self.accelerator.unwrap_model(self.model)
+                    # the provider's reference (a LoRA snapshot) or the base model (adapters disabled)
+                    with provider.reference(unwrapped) if provider is not None else adapters_disabled(unwrapped):
+                        ref_pred = adapter.predict(unwrapped, x_t, t, text, micro)
+                ref_err = per_sample_mse(ref_pred, target)
+        pred = adapter.predict(self.model, x_t, t, text, micro)
+        return per_sample_mse(pred, target), ref_err
+
     def compute_loss(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, metrics) of one micro-batch: pairs -> objective(PairErrors); unpaired labelled images ->
+        objective.sample_fn(SampleErrors)."""
+        if "desirable" in batch:
+            return self.compute_sample_loss(batch, gen)
         adapter, dev = self.adapter, self.accelerator.device
         x0_w, x0_l, text, micro_w, micro_l = self.model_inputs(batch, gen)
         provider, provided = getattr(self, "pair_provider", None), {}
@@ -257,22 +351,7 @@ class Trainer:
             micro = {k: torch.cat([micro_w[k], micro_l[k]]) for k in micro_w}
         else:
             x0, t_all, micro = x0_w, t, micro_w
-        x_t = adapter.add_noise(x0, eps, t_all)
-        target = adapter.target(x0, eps, t_all)
-
-        ref_err = None
-        if self.objective.needs_reference:
-            with torch.no_grad():
-                if self.reference is not None:
-                    ref_pred = adapter.predict(self.reference, x_t, t_all, text, micro)
-                else:
-                    unwrapped = self.accelerator.unwrap_model(self.model)
-                    # the provider's reference (a LoRA snapshot) or the base model (adapters disabled)
-                    with provider.reference(unwrapped) if provider is not None else adapters_disabled(unwrapped):
-                        ref_pred = adapter.predict(unwrapped, x_t, t_all, text, micro)
-                ref_err = per_sample_mse(ref_pred, target)
-        pred = adapter.predict(self.model, x_t, t_all, text, micro)
-        err = per_sample_mse(pred, target)
+        err, ref_err = self._errors(x0, eps, t_all, text, micro, provider)
         # rewards are data: [B] float32 per role, oriented with the pair by the data reader / cache
         score_w = batch["score_w"].to(dev) if "score_w" in batch else None
         score_l = batch["score_l"].to(dev) if "score_l" in batch else None
@@ -284,8 +363,23 @@ class Trainer:
         else:
             errors = PairErrors(policy_w=err, policy_l=None, ref_w=ref_err, ref_l=None, t=adapter.unit_time(t),
                                 score_w=score_w, score_l=score_l)
-        loss, metrics = self.objective(errors, self.cfg.objective)
+        loss, metrics = self.objective(errors, self.objective_cfg)
         return loss, {**metrics, **provided}
+
+    def compute_sample_loss(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """Unpaired data: B labelled images, each with its OWN (t, ε) (no pairs to share them), one reference and
+        one policy forward over the B rows -> objective.sample_fn(SampleErrors)."""
+        if self.objective.sample_fn is None:  # refused at construction; a hand-built batch could still get here
+            raise ConfigError(f"objective.name={self.cfg.objective.name} needs preference pairs, not labelled images")
+        adapter, dev = self.adapter, self.accelerator.device
+        x0, text, micro = self.sample_inputs(batch, gen)
+        t = adapter.sample_timesteps(x0.shape[0], gen)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        t = t.to(dev)
+        err, ref_err = self._errors(x0, eps, t, text, micro)
+        samples = SampleErrors(policy=err, ref=ref_err, desirable=batch["desirable"].to(dev).bool(),
+                               t=adapter.unit_time(t))
+        return self.objective.sample_fn(samples, self.objective_cfg)
 
     # ------------------------------------------------------------------ checkpoints
     def _trainable_state(self) -> dict[str, torch.Tensor]:

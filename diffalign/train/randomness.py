@@ -24,14 +24,15 @@ def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
 class PairBatchSampler(torch.utils.data.Sampler):
     """Infinite, resumable batch sampler: micro-batch k of rank r is a pure function of (seed, k, r).
 
-    Each epoch is a fresh permutation of the n pairs (seeded by the epoch); each micro-step takes the
+    Each epoch is a fresh permutation of the n pairs or labelled images (seeded by the epoch); each micro-step takes the
     next world*batch_size indices and gives rank r its slice, so ranks never share pairs within an
     epoch. Items are (index, epoch) so the dataset can seed per-pair augmentation by epoch.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start_micro_step: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start_micro_step: int = 0,
+                 unit: str = "pairs"):
         if n < batch_size * world:
-            raise ValueError(f"the data has {n} usable pairs but one step needs train.batch_size x processes = "
+            raise ValueError(f"the data has {n} usable {unit} but one step needs train.batch_size x processes = "
                              f"{batch_size * world}; lower train.batch_size or add data")
         self.n, self.bs, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.start = start_micro_step
