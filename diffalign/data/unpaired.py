@@ -197,6 +197,8 @@ def detect_data_kind(path: str, split: str = "train", label_column: str = "label
     """'unpaired' (labelled single images) or 'pairs' (preference pairs) for a resolved data path, from its column
     names alone (``toy:unpaired`` is unpaired, ``toy:pairs`` pairs; a hub id or a missing path counts as pairs)."""
     spec = str(path)
+    if not spec.strip():  # Path("") is the working folder: never scan it (the loader reports the empty data.path)
+        return PAIRS
     if spec.startswith("toy:"):
         return UNPAIRED if spec.partition("?")[0] == "toy:unpaired" else PAIRS
     names = _column_names(spec, split)
