@@ -70,7 +70,7 @@ class DataConfig:
     prompt_dropout: float = _f(0.0, "Probability of training a pair with the empty prompt (CFG support).")
     ties: str = _f("drop", "label_0 == 0.5 rows: 'drop' (counted in the summary) or 'error'.")
     on_error: str = _f("raise", "Bad rows (corrupt image, missing file, bad label): 'raise' naming the row, or 'skip' and count.")
-    max_pairs: int | None = _f(None, "Use only the first N rows of the source.")
+    max_pairs: int | None = _f(None, "Use only the first N usable pairs of the source (unpaired data: the first N usable labelled images).")
     num_workers: int = _f(0, "DataLoader worker processes for on-the-fly decoding.")
     num_frames: int | None = _f(None, "Video pairs (rows pointing at .mp4/.gif/.webm/... files): frames per clip, the first num_frames frames on screen at times k / data.fps (sampled BY TIME from the file's real frame rate). Pixels are then [3, F, R, R]. Wan needs num_frames - 1 divisible by 4 (5, 9, 81). A clip shorter than num_frames / fps seconds is a bad row. null = image pairs (a video file is then an error).")
     fps: float = _f(16.0, "Video pairs: the model's frame rate; frames are taken at times k / fps whatever the file's own rate (Wan 2.1: 16).")

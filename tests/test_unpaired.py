@@ -227,6 +227,29 @@ def test_kto_balance_rescales_lambdas_by_the_class_counts(make_cfg):
         make_cfg("sd15", "objective.kto_balance=true")
 
 
+def test_unpaired_kto_resume_matches_uninterrupted_run(make_cfg, tmp_path):
+    from diffalign.train.checkpoint import list_checkpoints, load_checkpoint
+
+    common = [*KTO, "train.checkpoint_every=2", "train.batch_size=2", "data.prompt_dropout=0.3",
+              "data.random_flip=true", "data.center_crop=false", "data.resolution=16"]
+    straight = Trainer(make_cfg("sd15", *common, "train.max_steps=4", out=tmp_path / "a"), show_progress=False)
+    straight.setup()
+    result_a = straight.train()
+    first = Trainer(make_cfg("sd15", *common, "train.max_steps=2", out=tmp_path / "b"), show_progress=False)
+    first.setup()
+    first.train()
+    resumed = Trainer(make_cfg("sd15", *common, "train.max_steps=4", out=tmp_path / "b"), show_progress=False)
+    resumed.setup()
+    assert resumed.step == 2
+    result_b = resumed.train()
+    for a, b in zip(result_a.history[2:], result_b.history):
+        assert a["step"] == b["step"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+    a = load_checkpoint(list_checkpoints(tmp_path / "a")[-1])["trainable"]
+    b = load_checkpoint(list_checkpoints(tmp_path / "b")[-1])["trainable"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("objective", ["dpo", "sft", "mapo", "seppo"])
 def test_objectives_that_need_pairs_refuse_unpaired_data(objective, make_cfg, monkeypatch):
     import diffalign.models
