@@ -227,6 +227,26 @@ def test_kto_balance_rescales_lambdas_by_the_class_counts(make_cfg):
         make_cfg("sd15", "objective.kto_balance=true")
 
 
+def test_bad_unpaired_rows_skipped_are_counted_in_the_run(make_cfg, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = [jpg("red"), jpg("blue"), jpg("green"), jpg("white"), b"not a jpeg", jpg("red"), jpg("blue")]
+    labels = ["up", "down", "sideways", "up", "down", "down", "up"]  # row 2: a bad label; row 4: a corrupt image
+    pq.write_table(pa.table({"image": images, "caption": [f"c{i}" for i in range(7)], "label": labels}),
+                   tmp_path / "u.parquet")
+    cfg = make_cfg("sd15", "objective.name=kto", f"data.path={tmp_path / 'u.parquet'}", "data.on_error=skip",
+                   "train.batch_size=2", "train.max_steps=4")
+    trainer = Trainer(cfg, show_progress=False)
+    trainer.setup()
+    result = trainer.train()
+    assert result.data_counts["samples"] == 6 and result.nonfinite_steps == 0
+    assert result.data_counts["skipped"] == 2  # the bad label at load time + the corrupt JPEG at decode time
+    with pytest.raises(DataError, match=r"row 2: column 'label': 'sideways' is not a label"):
+        Trainer(make_cfg("sd15", "objective.name=kto", f"data.path={tmp_path / 'u.parquet'}"),
+                show_progress=False).setup()
+
+
 def test_unpaired_kto_resume_matches_uninterrupted_run(make_cfg, tmp_path):
     from diffalign.train.checkpoint import list_checkpoints, load_checkpoint
 
