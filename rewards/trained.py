@@ -340,8 +340,12 @@ class ObjectCropRewardModel(nn.Module):
     mask's own centroid and area, so two generator blobs of the same prompt differ in shape by small
     changes of outline. In the canonical crop (centred, scaled to the object's area-equivalent radius)
     that comparison is the same function at every position and size, and the conv net sees the outline
-    at sub-pixel resolution (bilinear resampling of the full-resolution mask). A CLIP ViT (patch 4 on
-    32 px) and a from-scratch FiLM conv trunk both stayed near chance on blob pairs (measured).
+    at sub-pixel resolution (bilinear resampling of the full-resolution mask). This encodes the world's
+    single-object-on-a-plain-background assumption, as the oracle does. Measured (held-out world pairs,
+    shape only, 300 steps, accuracy without ties): this model 0.97; the same mask and conv net on the whole
+    image without the centred crop 0.61; this model with every prompt replaced by one neutral caption 0.59
+    (the shape word decides which outline is right); the world CLIP frames model 0.64 (generator blobs
+    0.57-0.63); a from-scratch FiLM conv trunk on the 32 px pixels 0.48.
 
     Mask: alpha = sigmoid(prior * (|x - bg| / max|x - bg| - 1/2) + conv(x, x - bg, |x - bg|)), bg = the
     border-ring median; the learned conv starts at zero so training starts from the contrast mask.
