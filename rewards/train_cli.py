@@ -55,6 +55,15 @@ class RewardModelConfig:
     max_frames: int = _f(16, "At most this many frames per video; longer clips get this many spread over the clip.")
     freeze_vision: bool = _f(False, "Keep the vision tower frozen (only fusion, temporal and heads train).")
     freeze_text: bool = _f(False, "Keep the text tower frozen.")
+    members: list = _f([], "composite: groups of dimensions, one member model each, e.g. [[color, background, layout], "
+                        "[shape]]; every dimension in exactly one group. Empty = one member per dimension.")
+    member_backbones: dict = _f({}, "composite: backbone of a member, keyed by any one of its dimensions: frames (a "
+                                "frames model on the model.* towers) | object (the object-crop pixel model: learned "
+                                "foreground mask, a crop resampled at the object's centroid and size, a small conv net "
+                                "on it; text tower from model.text_pretrained / model.pretrained). Unlisted: frames.")
+    object_width: int = _f(32, "object members: channels of the conv net on the canonical crop.")
+    object_crop: int = _f(16, "object members: crop side in samples (a multiple of 4).")
+    object_extent: float = _f(2.0, "object members: the crop spans +- this many area-equivalent radii of the object.")
     latent_backbone: str = _f("conv", "latent: conv (a small FiLM conv trunk over x_t, trained from scratch; cheap on "
                               "large latents) | decoder (the generator's frozen VAE decoder, then a pretrained CLIP "
                               "frame model, model.latent_clip, with a noise-level embedding).")
@@ -90,6 +99,8 @@ class RewardOptimConfig:
     lr: float = _f(1e-4, "Learning rate of the backbone towers (VideoReward fine-tunes its VLM at 2e-6).")
     head_lr: float | None = _f(None, "Learning rate of the new parts (projections, temporal layer, heads, latent trunk); "
                                "null = optim.lr.")
+    member_lr: dict = _f({}, "composite: learning rate of every parameter of a member, keyed by one of its dimensions "
+                         "(e.g. {shape: 1e-3}); other members use optim.lr / optim.head_lr.")
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     betas: list = _f([0.9, 0.999], "Adam betas.")
     eps: float = _f(1e-8, "Adam epsilon.")
@@ -151,6 +162,15 @@ def _validate(cfg: RewardRunConfig) -> None:
     unknown = sorted(set(m.weights) - set(m.dimensions))
     if unknown:
         raise ConfigError(f"model.weights names {unknown}, not in model.dimensions {m.dimensions}")
+    _validate_members(m)
+    if cfg.optim.member_lr:
+        if m.kind != "composite":
+            raise ConfigError(f"optim.member_lr is for model.kind=composite, not {m.kind!r}")
+        bad = sorted(set(cfg.optim.member_lr) - set(m.dimensions))
+        if bad:
+            raise ConfigError(f"optim.member_lr names {bad}, not in model.dimensions {m.dimensions}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in cfg.optim.member_lr.values()):
+            raise ConfigError(f"optim.member_lr values must be positive numbers, got {cfg.optim.member_lr}")
     if cfg.objective.theta <= 1.0:
         raise ConfigError(f"objective.theta must be > 1 (Rao-Kupper ties need theta^2 - 1 > 0), got {cfg.objective.theta}")
     if cfg.data.tie_margin < 0:
@@ -166,6 +186,38 @@ def _validate(cfg: RewardRunConfig) -> None:
         raise ConfigError("model.sample_fps must be > 0 and model.max_frames >= 1")
     if not all(isinstance(x, (int, float)) and 0.0 <= x < 1.0 for x in t.eval_times):
         raise ConfigError(f"train.eval_times must be noise levels in [0, 1), got {t.eval_times}")
+
+
+MEMBER_BACKBONES = ("frames", "object")
+
+
+def _validate_members(m: RewardModelConfig) -> None:
+    if (m.members or m.member_backbones) and m.kind != "composite":
+        raise ConfigError(f"model.members / model.member_backbones are for model.kind=composite, not {m.kind!r}")
+    groups = composite_groups(m)
+    flat = [d for g in groups for d in g]
+    if sorted(flat) != sorted(m.dimensions) or len(set(flat)) != len(flat):
+        raise ConfigError(f"model.members {m.members!r} must put every dimension of {m.dimensions} in exactly one group")
+    for key, backbone in m.member_backbones.items():
+        if key not in m.dimensions:
+            raise ConfigError(f"model.member_backbones names {key!r}, not in model.dimensions {m.dimensions}")
+        if backbone not in MEMBER_BACKBONES:
+            raise ConfigError(f"model.member_backbones.{key}={backbone!r} is not one of {', '.join(MEMBER_BACKBONES)}")
+    for g in groups:
+        if len({m.member_backbones[d] for d in g if d in m.member_backbones}) > 1:
+            raise ConfigError(f"model.member_backbones gives the member {g} two backbones")
+    if m.object_width < 1 or m.object_crop < 4 or m.object_crop % 4 or m.object_extent <= 0:
+        raise ConfigError("model.object_width must be >= 1, model.object_crop a positive multiple of 4 and "
+                          "model.object_extent > 0")
+
+
+def composite_groups(m: RewardModelConfig) -> list[list[str]]:
+    """The composite's members as dimension groups (model.members, else one group per dimension)."""
+    if not m.members:
+        return [[d] for d in m.dimensions]
+    if not all(isinstance(g, (list, tuple)) and g for g in m.members):
+        raise ConfigError(f"model.members must be a list of non-empty dimension lists, got {m.members!r}")
+    return [list(g) for g in m.members]
 
 
 def load_reward_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> RewardRunConfig:
@@ -254,8 +306,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{k:28s} {h}")
         return 0
     if not args.config:
-        raise ConfigError("diffalign train-reward needs a recipe: world-reward, world-latent-reward, videoreward or a "
-                          "YAML file (diffalign train-reward --keys lists every key)")
+        raise ConfigError("diffalign train-reward needs a recipe: world-reward, world-reward-composite, "
+                          "world-latent-reward, videoreward or a YAML file (diffalign train-reward --keys lists every key)")
     cfg = load_reward_config(args.config, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")

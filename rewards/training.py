@@ -27,7 +27,7 @@ from torch import nn
 from .base import Normalizer, RewardError
 from .btt import btt_loss
 from .data import LabelledPairs, load_labelled_pairs
-from .train_cli import RewardRunConfig
+from .train_cli import RewardRunConfig, composite_groups
 from .trained import (WORLD_MEAN_STD, FrameReward, TrainedReward, _clip_norm, build_model,
                       load_clip_text, load_clip_tokenizer, load_clip_vision, resize_square, sample_video,
                       stack_clips, world_text_config, world_tokenizer, world_vision_config, wrap)
@@ -126,14 +126,25 @@ def build_reward_model(cfg: RewardRunConfig, latent_channels: int | None = None,
                               "fusion_dim": m.fusion_dim, "head_hidden": m.head_hidden, "temporal": m.temporal,
                               "fusion_layers": m.fusion_layers,
                               "stem": m.vision_stem if m.pretrained == "world" else "patch"})
+    if m.kind == "composite":
+        spec["architecture"]["members"] = [_member_spec(g, m) for g in composite_groups(m)]
     model = build_model(spec)
     members = [model] if m.kind == "frames" else list(model.members.values())
-    for member in members:  # every composite member starts from the same pretrained backbone
-        if vision_module is not None:
+    for member in members:  # every composite member starts from the same pretrained towers (object: text only)
+        if vision_module is not None and hasattr(member, "vision"):
             member.vision.load_state_dict(vision_module.state_dict())
         if text_module is not None:
             member.text.load_state_dict(text_module.state_dict())
     return model, tok, spec
+
+
+def _member_spec(dims: list[str], m) -> dict:
+    """reward_config.json entry of one composite member: its dimensions, backbone and (object) architecture."""
+    backbone = next((m.member_backbones[d] for d in dims if d in m.member_backbones), "frames")
+    out: dict[str, Any] = {"dimensions": list(dims), "backbone": backbone}
+    if backbone == "object":
+        out.update(width=m.object_width, crop=m.object_crop, extent=m.object_extent)
+    return out
 
 
 def _backbone_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -145,6 +156,26 @@ def _backbone_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.
         parts = name.split(".")
         (tower if "vision" in parts or "text" in parts else new).append(p)
     return tower, new
+
+
+def _param_groups(model: nn.Module, cfg: RewardRunConfig) -> list[dict]:
+    """AdamW groups: towers at optim.lr, new parts at optim.head_lr, and every parameter of a composite member
+    named in optim.member_lr (by one of its dimensions) at that rate."""
+    head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
+    own: list[dict] = []
+    taken: set[int] = set()
+    if cfg.optim.member_lr:
+        for member in model.members.values():
+            rates = {float(cfg.optim.member_lr[d]) for d in member.dimensions if d in cfg.optim.member_lr}
+            if len(rates) > 1:
+                raise RewardError(f"optim.member_lr gives the member {list(member.dimensions)} two learning rates")
+            if rates:
+                params = [p for p in member.parameters() if p.requires_grad]
+                own.append({"params": params, "lr": rates.pop()})
+                taken |= {id(p) for p in params}
+    tower, new = _backbone_parameters(model)
+    tower, new = [p for p in tower if id(p) not in taken], [p for p in new if id(p) not in taken]
+    return [g for g in ({"params": tower, "lr": cfg.optim.lr}, {"params": new, "lr": head_lr}, *own) if g["params"]]
 
 
 def _freeze(model: nn.Module, cfg: RewardRunConfig) -> None:
@@ -304,9 +335,7 @@ class RewardTrainer:
         _freeze(model, cfg)
         self.reward: TrainedReward = wrap(model, self.tokenizer, self.spec, device=acc.device)
         model.train()
-        tower, new = _backbone_parameters(model)
-        head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
-        groups = [g for g in ({"params": tower, "lr": cfg.optim.lr}, {"params": new, "lr": head_lr}) if g["params"]]
+        groups = _param_groups(model, cfg)
         o = cfg.optim
         optimizer = torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                       **({"fused": True} if acc.device.type == "cuda" else {"foreach": True}))

@@ -176,11 +176,15 @@ def _world_batch(n: int = 4):
     return images, [s.caption() for s in scenes]
 
 
-@pytest.mark.parametrize("kind", ["frames", "composite", "latent"])
+OBJECT_SHAPE = ["model.members=[[color,background,layout],[shape]]", "model.member_backbones={shape: object}",
+                "model.object_width=8", "model.object_crop=8"]
+
+
+@pytest.mark.parametrize("kind", ["frames", "composite", "composite-object", "latent"])
 def test_save_load_round_trip_reproduces_scores_exactly(kind, tmp_path):
     from diffalign.rewards import Normalizer, build_reward
 
-    reward, _ = _build(kind)
+    reward, _ = _build("composite", *OBJECT_SHAPE) if kind == "composite-object" else _build(kind)
     reward.normalizer = Normalizer({d: 0.5 for d in WORLD_DIMS}, {d: 2.0 for d in WORLD_DIMS})
     images, caps = _world_batch()
     if kind == "latent":
@@ -217,6 +221,85 @@ def test_composite_members_are_separate_models():
         ids_, am = reward.tokenize(caps)
         only_color = members["color"](frames, times, mask, ids_, am)[:, 0]
     assert torch.equal(scores["color"], only_color)
+
+
+def test_composite_with_an_object_crop_shape_member():
+    """A composite whose members score groups of dimensions: a frames model for colour/background/layout and
+    the object-crop pixel model for shape; scores come back in model.dimensions order."""
+    from diffalign.rewards.trained import FrameRewardModel, ObjectCropRewardModel
+
+    reward, _ = _build("composite", *OBJECT_SHAPE)
+    members = reward.model.members
+    assert list(members) == ["color__background__layout", "shape"]
+    assert isinstance(members["shape"], ObjectCropRewardModel) and isinstance(members["color__background__layout"], FrameRewardModel)
+    assert reward.spec["architecture"]["members"][1] == {"dimensions": ["shape"], "backbone": "object", "width": 8,
+                                                         "crop": 8, "extent": 2.0}
+    images, caps = _world_batch(3)
+    pixels = images.clone().requires_grad_(True)
+    scores = reward(pixels, caps)
+    assert set(scores) == set(WORLD_DIMS) and all(v.shape == (3,) for v in scores.values())
+    scores["shape"].sum().backward()  # differentiable in the pixels through the mask and the resampled crop
+    assert pixels.grad is not None and torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
+    with torch.no_grad():
+        frames, times, mask = reward.prepare(images)
+        ids, am = reward.tokenize(caps)
+        group = members["color__background__layout"](frames, times, mask, ids, am)
+        shape = members["shape"](frames, times, mask, ids, am)
+        again = reward(images, caps)
+    assert torch.equal(again["layout"], group[:, 2]) and torch.equal(again["shape"], shape[:, 0])
+
+
+def test_object_crop_is_centred_on_the_object_and_scaled_to_its_size():
+    """The canonical crop of the same shape is (nearly) the same wherever it is drawn and whatever its size."""
+    from diffalign.rewards.trained import ObjectCropRewardModel, world_text_config, world_tokenizer
+    from diffalign.world.render import render_batch
+    from diffalign.world.scenes import Scene
+
+    tok = world_tokenizer(20)
+    model = ObjectCropRewardModel(world_text_config(tok, 16, 1, 2, 20), ["shape"], width=8, crop=16)
+    scenes = [Scene(shape, "red", size, position, "white") for shape in ("square", "triangle")
+              for size, position in (("small", "top left"), ("small", "bottom right"), ("large", "center"))]
+    x = torch.from_numpy(render_batch(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with torch.no_grad():
+        crop, glob = model.canonical(x)
+    alpha = crop[:, 0]
+    assert (alpha[:3] - alpha[0]).abs().mean(dim=(1, 2)).max() < 0.05          # squares agree
+    assert (alpha[3:] - alpha[3]).abs().mean(dim=(1, 2)).max() < 0.05          # triangles agree
+    assert (alpha[0] - alpha[3]).abs().mean() > 0.04                            # a square is not a triangle
+    assert glob[2, 0] > glob[0, 0] + 0.5                                        # log area: large > small
+
+
+def test_composite_member_config_errors():
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="for model.kind=composite"):
+        _cfg("model.member_backbones={shape: object}")
+    with pytest.raises(ConfigError, match="exactly one group"):
+        _cfg("model.kind=composite", "model.members=[[color,background],[shape]]")
+    with pytest.raises(ConfigError, match="exactly one group"):
+        _cfg("model.kind=composite", "model.members=[[color,background,layout,shape],[shape]]")
+    with pytest.raises(ConfigError, match="is not one of frames, object"):
+        _cfg("model.kind=composite", "model.member_backbones={shape: conv}")
+    with pytest.raises(ConfigError, match="not in model.dimensions"):
+        _cfg("model.kind=composite", "model.member_backbones={size: object}")
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        _cfg("model.kind=composite", "model.object_crop=10")
+    with pytest.raises(ConfigError, match="optim.member_lr is for model.kind=composite"):
+        _cfg("optim.member_lr={shape: 0.001}")
+    with pytest.raises(ConfigError, match="positive numbers"):
+        _cfg("model.kind=composite", "optim.member_lr={shape: fast}")
+
+
+def test_member_lr_puts_a_whole_member_in_its_own_optimizer_group():
+    from diffalign.rewards.training import _param_groups
+
+    reward, cfg = _build("composite", *OBJECT_SHAPE, "optim.lr=3e-4", "optim.member_lr={shape: 0.001}")
+    groups = _param_groups(reward.model, cfg)
+    shape_ids = {id(p) for p in reward.model.members["shape"].parameters()}
+    assert [g["lr"] for g in groups] == [3e-4, 3e-4, 1e-3]
+    assert {id(p) for p in groups[2]["params"]} == shape_ids
+    assert not shape_ids & {id(p) for g in groups[:2] for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(reward.model.parameters()))
 
 
 def test_decoder_latent_reward_reads_x_t_through_the_generators_vae(tmp_path):
@@ -302,7 +385,7 @@ def test_reward_config_errors_and_recipes(capsys):
     with pytest.raises(ConfigError, match="run it with `diffalign train-reward world-reward`"):
         load_config("world-reward")
     rewards = recipe_names(task="train-reward")
-    assert {"world-reward", "world-latent-reward", "videoreward"} <= set(rewards)
+    assert {"world-reward", "world-reward-composite", "world-latent-reward", "videoreward"} <= set(rewards)
     for name in rewards:
         load_reward_config(name)
     vr = load_reward_config("videoreward")
