@@ -840,6 +840,19 @@ _TENSOR_KEYS = ("pixels_w", "pixels_l", "original_size_w", "original_size_l", "c
 _SCORE_KEYS = ("score_w", "score_l")  # present only when the source was read with score columns
 
 
+
+def dataset_key(key: int | tuple[int, int], n: int, unit: str) -> tuple[int, int]:
+    """(index, epoch) of a dataset key: an index (epoch 0) or the batch sampler's (index, epoch); negative
+    indices count from the end, anything else out of [0, n) is an IndexError naming ``unit``."""
+    index, epoch = (key if isinstance(key, tuple) else (key, 0))
+    index, epoch = int(index), int(epoch)
+    if index < 0:
+        index += n
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} out of range for {n} {unit}")
+    return index, epoch
+
+
 class PreferencePairDataset(torch.utils.data.Dataset):
     """On-the-fly decoding + joint augmentation of a :class:`PreferenceSource`.
 
@@ -871,13 +884,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         return len(self.source.records)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
-        index, epoch = (key if isinstance(key, tuple) else (key, 0))
-        index, epoch = int(index), int(epoch)
-        n = len(self.source.records)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"pair index {index} out of range for {n} pairs")
+        index, epoch = dataset_key(key, len(self.source.records), "pairs")
         rec = self.source.records[index]
         where = self.source.describe(rec.row)
         video_w, video_l = is_video_ref(rec.image_w), is_video_ref(rec.image_l)

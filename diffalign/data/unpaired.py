@@ -41,7 +41,7 @@ import torch
 
 from diffalign.data.preference import (
     _ABSENT, _BATCH_ROWS, _FIX, _IMAGE_COLUMN_PAIRS, DataError, _describe, _hash_field, _parquet_files,
-    _resolve_image, decode_image, is_video_ref,
+    _resolve_image, dataset_key, decode_image, is_video_ref,
 )
 from diffalign.data.transforms import JointTransform, pair_generator
 
@@ -441,13 +441,7 @@ class LabelledImageDataset(torch.utils.data.Dataset):
         return len(self.source.records)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
-        index, epoch = (key if isinstance(key, tuple) else (key, 0))
-        index, epoch = int(index), int(epoch)
-        n = len(self.source.records)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"sample index {index} out of range for {n} labelled images")
+        index, epoch = dataset_key(key, len(self.source.records), "labelled images")
         rec = self.source.records[index]
         try:
             image = decode_image(rec.image, source=self.source.describe(rec.row), row=rec.row)
