@@ -212,8 +212,10 @@ def cmd_cache(args) -> int:
     else:
         what = (f"pairs     {c['pairs']} encoded from {c['rows']} rows; {c['ties_dropped']} ties dropped; {c['skipped']} bad rows skipped\n"
                 f"latents   {manifest['shapes']['latents_w']} per image\n")
+    # the overrides that shaped this cache (objective, model, data settings) must be repeated when training on it
+    kept = [o for o in args.overrides if not o.startswith(("cache.dir=", "data.path="))]
     print(f"\n== diffalign cache: summary ==\ncache     {cfg.cache.dir} ({len(manifest['shards'])} shards)\n"
-          + what + f"use it    diffalign train {args.config} cache.dir={cfg.cache.dir}")
+          + what + "use it    " + " ".join(["diffalign train", args.config, *kept, f"cache.dir={cfg.cache.dir}"]))
     return 0
 
 

@@ -40,7 +40,11 @@ def test_missing_model_folder_is_a_clear_error(capsys, tmp_path):
 def test_cache_then_train_from_cache(capsys, tiny_model, tmp_path):
     common = [f"model.pretrained={tiny_model('sd15')}", "data.path=toy:pairs?n=8", f"cache.dir={tmp_path / 'cache'}"]
     assert main(["cache", "tiny-sd15-dpo", *common]) == 0
-    assert "8 encoded" in capsys.readouterr().out
+    cache_out = capsys.readouterr().out
+    assert "8 encoded" in cache_out
+    # the printed train command repeats the overrides the cache was built with (the cache stands in for data.path)
+    use_it = next(line for line in cache_out.splitlines() if line.startswith("use it"))
+    assert use_it.split()[2:] == ["diffalign", "train", "tiny-sd15-dpo", common[0], common[2]], use_it
     out_dir = tmp_path / "run"
     assert main(["train", "tiny-sd15-dpo", *common, "train.max_steps=3", "train.checkpoint_every=0",
                  f"train.output_dir={out_dir}", "--no-progress"]) == 0
