@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=384, help="number of training prompts")
     p.add_argument("--k", type=int, default=8, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
+    p = wsub.add_parser("labels", help="unpaired images labelled desirable/undesirable by the oracle (Diffusion-KTO data)")
+    p.add_argument("--model", default="world:flow", help="world:unet, world:flow or a pipeline folder")
+    p.add_argument("--out", required=True, help="parquet file to write (columns image, caption, label, score, ...)")
+    p.add_argument("--prompts", type=int, default=192, help="number of training prompts")
+    p.add_argument("--k", type=int, default=6, help="samples per prompt")
+    p.add_argument("--threshold", type=float, default=0.6, help="desirable when the oracle overall score >= this")
+    p.add_argument("--seed", type=int, default=0)
 
     for verb, module in PLUGGED_VERBS.items():
         plugged = _plugged(module)
@@ -289,6 +296,15 @@ def cmd_world(args) -> int:
     pipe = load_pipeline(ModelConfig(family=family, pretrained=args.model))
     train_scenes, _ = prompt_splits(0)
     order = np.random.default_rng(args.seed).permutation(len(train_scenes))[:args.prompts]
+    if args.world_verb == "labels":
+        from diffalign.world.pairs import make_labelled
+
+        stats = make_labelled(pipe, [train_scenes[i].caption() for i in order], args.out, k=args.k, seed=args.seed,
+                              threshold=args.threshold)
+        print(f"\n== diffalign world labels ==\n{stats['images']} images from {stats['prompts']} prompts x {args.k} "
+              f"samples -> {args.out}\n{stats['desirable']} desirable (oracle >= {args.threshold:g}), "
+              f"{stats['undesirable']} undesirable; mean oracle {stats['mean_overall']:.3f}")
+        return 0
     stats = make_pairs(pipe, [train_scenes[i].caption() for i in order], args.out, k=args.k, seed=args.seed)
     print(f"\n== diffalign world pairs ==\n{stats['pairs']} pairs from {stats['prompts']} prompts x {args.k} samples -> "
           f"{args.out}\nmean oracle: all {stats['mean_overall']:.3f}, best {stats['mean_best']:.3f}, worst {stats['mean_worst']:.3f}")

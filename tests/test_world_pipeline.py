@@ -98,6 +98,29 @@ def test_pairs_flow_through_the_normal_data_path(pretrained_tiny, tmp_path):
         assert score(img, [rec.caption])["overall"][0] == pytest.approx(table[f"score_{win_slot}"][i], abs=1e-6)
 
 
+
+def test_labels_are_unpaired_kto_data_with_oracle_thresholds(pretrained_tiny, tmp_path):
+    """`diffalign world labels`: each image labelled alone by its oracle score; the file reads as unpaired data."""
+    from diffalign.config import ModelConfig
+    from diffalign.data.unpaired import load_unpaired_source
+    from diffalign.models import load_pipeline
+    from diffalign.world.pairs import make_labelled
+
+    pipe = load_pipeline(ModelConfig(family="sd15", pretrained=str(pretrained_tiny["unet"][0])))
+    caps = ["a small red circle at the top left on a black background", "a large blue square in the center on a white background"]
+    out = tmp_path / "labels.parquet"
+    import pyarrow.parquet as pq
+
+    threshold = 0.3
+    stats = make_labelled(pipe, caps, out, k=3, steps=2, threshold=threshold, show_progress=False)
+    table = pq.read_table(out).to_pydict()
+    assert stats["images"] == 6 and stats["desirable"] + stats["undesirable"] == 6
+    assert table["caption"] == [c for c in caps for _ in range(3)]
+    assert table["label"] == ["desirable" if s >= threshold else "undesirable" for s in table["score"]]
+    source = load_unpaired_source(str(out))
+    assert [r.desirable for r in source.records] == [s >= threshold for s in table["score"]]
+
+
 def test_permutation_test_and_win_rate():
     from diffalign.world.demo import paired_permutation_p, win_rate
 

@@ -134,6 +134,30 @@ def make_pairs(pipe, captions: list[str], out_path: str | Path, *, k: int = 8, s
             "mean_best": float(overall.max(1).mean()), "mean_worst": float(overall.min(1).mean())}
 
 
+
+def make_labelled(pipe, captions: list[str], out_path: str | Path, *, k: int = 6, seed: int = 0, steps: int = 20,
+                  guidance_scale: float = 3.0, threshold: float = 0.6, show_progress: bool = True) -> dict:
+    """Unpaired labelled images for Diffusion-KTO: sample k images per caption and label each one ALONE,
+    "desirable" when its oracle overall score is >= ``threshold``, else "undesirable" (a thumbs up/down per
+    image, no pairs). Writes a parquet with ``image`` (PNG bytes), ``caption``, ``label``, ``score`` and
+    the per-dimension oracle scores; the same seeds as :func:`make_pairs` with equal arguments.
+    Returns counts and mean scores."""
+    from diffalign.world.oracle import DIMENSIONS, score
+
+    all_caps = [c for c in captions for _ in range(k)]
+    seeds = [seed * 1_000_003 + i for i in range(len(all_caps))]
+    images = generate(pipe, all_caps, seeds, steps=steps, guidance_scale=guidance_scale, show_progress=show_progress)
+    scores = score(images, all_caps)
+    desirable = scores["overall"] >= threshold
+    rows = {"image": [png_bytes(im) for im in images], "caption": all_caps,
+            "label": ["desirable" if d else "undesirable" for d in desirable],
+            "score": [float(v) for v in scores["overall"]]}
+    rows.update({d: [float(v) for v in scores[d]] for d in DIMENSIONS})
+    _write_table(rows, out_path)
+    return {"prompts": len(captions), "images": len(all_caps), "samples_per_prompt": k, "threshold": threshold,
+            "desirable": int(desirable.sum()), "undesirable": int((~desirable).sum()),
+            "mean_overall": float(scores["overall"].mean())}
+
 _ATTRIBUTES = ("shape", "color", "size", "position", "background")
 
 
