@@ -550,7 +550,9 @@ class DecodedLatentRewardModel(nn.Module):
     ``body``: the model reading the decoded pixels; None = one :class:`FrameRewardModel` for every dimension.
     A :class:`CompositeRewardModel` (e.g. a frames member for colour/background/layout and a time-aware
     :class:`ObjectCropRewardModel` for shape, see :func:`build_model`) gets the same noise-level embedding in
-    every member.
+    every member. Measured on the world (configs/world-latent-reward-composite, 600 steps, held-out pairs w/o ties
+    at t = 0.5): shape 0.787 with the object member vs 0.593 with one frames body; colour/background/layout
+    0.791/0.967/0.876 vs 0.794/0.943/0.866.
 
     forward(x_t [N, C, h, w] or [N, C, F, h, w] scaled latents, t [N] unit time, input_ids [N, L],
     attention_mask [N, L]) -> [N, D]; differentiable in x_t through the decoder.
