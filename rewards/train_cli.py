@@ -55,9 +55,11 @@ class RewardModelConfig:
     max_frames: int = _f(16, "At most this many frames per video; longer clips get this many spread over the clip.")
     freeze_vision: bool = _f(False, "Keep the vision tower frozen (only fusion, temporal and heads train).")
     freeze_text: bool = _f(False, "Keep the text tower frozen.")
-    members: list = _f([], "composite: groups of dimensions, one member model each, e.g. [[color, background, layout], "
-                        "[shape]]; every dimension in exactly one group. Empty = one member per dimension.")
-    member_backbones: dict = _f({}, "composite: backbone of a member, keyed by any one of its dimensions: frames (a "
+    members: list = _f([], "composite (and latent with the decoder backbone, whose decoded pixels a composite then reads, "
+                        "every member given the noise-level embedding): groups of dimensions, one member model each, "
+                        "e.g. [[color, background, layout], [shape]]; every dimension in exactly one group. Empty = one "
+                        "member per dimension (composite) / one frames model (latent).")
+    member_backbones: dict = _f({}, "composite / latent with model.members: backbone of a member, keyed by any one of its dimensions: frames (a "
                                 "frames model on the model.* towers) | object (the object-crop pixel model: learned "
                                 "foreground mask, a crop resampled at the object's centroid and size, a small conv net "
                                 "on it; text tower from model.text_pretrained / model.pretrained). Unlisted: frames.")
@@ -99,7 +101,7 @@ class RewardOptimConfig:
     lr: float = _f(1e-4, "Learning rate of the backbone towers (VideoReward fine-tunes its VLM at 2e-6).")
     head_lr: float | None = _f(None, "Learning rate of the new parts (projections, temporal layer, heads, latent trunk); "
                                "null = optim.lr.")
-    member_lr: dict = _f({}, "composite: learning rate of every parameter of a member, keyed by one of its dimensions "
+    member_lr: dict = _f({}, "composite / latent with model.members: learning rate of every parameter of a member, keyed by one of its dimensions "
                          "(e.g. {shape: 1e-3}); other members use optim.lr / optim.head_lr.")
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     betas: list = _f([0.9, 0.999], "Adam betas.")
@@ -164,8 +166,9 @@ def _validate(cfg: RewardRunConfig) -> None:
         raise ConfigError(f"model.weights names {unknown}, not in model.dimensions {m.dimensions}")
     _validate_members(m)
     if cfg.optim.member_lr:
-        if m.kind != "composite":
-            raise ConfigError(f"optim.member_lr is for model.kind=composite, not {m.kind!r}")
+        if not has_members(m):
+            raise ConfigError(f"optim.member_lr is for model.kind=composite (or latent with the decoder backbone "
+                              f"and model.members), not {m.kind!r}")
         bad = sorted(set(cfg.optim.member_lr) - set(m.dimensions))
         if bad:
             raise ConfigError(f"optim.member_lr names {bad}, not in model.dimensions {m.dimensions}")
@@ -192,8 +195,9 @@ MEMBER_BACKBONES = ("frames", "object")
 
 
 def _validate_members(m: RewardModelConfig) -> None:
-    if (m.members or m.member_backbones) and m.kind != "composite":
-        raise ConfigError(f"model.members / model.member_backbones are for model.kind=composite, not {m.kind!r}")
+    if (m.members or m.member_backbones) and not has_members(m):
+        raise ConfigError("model.members / model.member_backbones are for model.kind=composite or model.kind=latent "
+                          f"with model.latent_backbone=decoder (and model.members set), not {m.kind!r}")
     groups = composite_groups(m)
     flat = [d for g in groups for d in g]
     if sorted(flat) != sorted(m.dimensions) or len(set(flat)) != len(flat):
@@ -209,6 +213,12 @@ def _validate_members(m: RewardModelConfig) -> None:
     if m.object_width < 1 or m.object_crop < 4 or m.object_crop % 4 or m.object_extent <= 0:
         raise ConfigError("model.object_width must be >= 1, model.object_crop a positive multiple of 4 and "
                           "model.object_extent > 0")
+
+
+def has_members(m: RewardModelConfig) -> bool:
+    """Whether the model is built of members: a composite, or a decoder-backbone latent model whose body is one
+    (model.members given)."""
+    return m.kind == "composite" or (m.kind == "latent" and m.latent_backbone == "decoder" and bool(m.members))
 
 
 def composite_groups(m: RewardModelConfig) -> list[list[str]]:

@@ -320,8 +320,9 @@ class CompositeRewardModel(nn.Module):
         # column of each dimension in the concatenated member outputs
         self._order = [flat.index(d) for d in self.dimensions]
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        out = torch.cat([m(*args) for m in self.members.values()], dim=1)
+    def forward(self, *args: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Keyword arguments (e.g. ``extra``, the latent model's noise-level embedding) go to every member."""
+        out = torch.cat([m(*args, **kwargs) for m in self.members.values()], dim=1)
         return out[:, self._order]
 
 
@@ -352,12 +353,18 @@ class ObjectCropRewardModel(nn.Module):
     Crop: ``crop`` x ``crop`` samples of [alpha, x - bg] over +-``extent`` area-equivalent radii around
     the centroid. Global inputs: log area and contrast (presence and size are not in the crop).
 
+    Noise-aware use (``time_dim`` > 0, the decoder-backbone latent model's shape member on decoded NOISY
+    pixels): ``extra`` [N, time_dim], the noise-level embedding, conditions the mask net (through a per-channel
+    bias of its hidden layer, so the foreground decision can follow the noise level) and is added to the fused
+    crop features before the norm.
+
     forward(frames [N, F, 3, S, S] normalised pixels, times [N, F], frame_mask [N, F], input_ids [N, L],
-            attention_mask [N, L]) -> [N, D] (frames scored independently, masked mean over frames).
+            attention_mask [N, L], extra [N, time_dim] or None) -> [N, D] (frames scored independently, masked
+            mean over frames).
     """
 
     def __init__(self, text_config: Any, dimensions: Sequence[str], *, width: int = 32, crop: int = 16,
-                 extent: float = 2.0, fusion_dim: int = 64, head_hidden: int = 64):
+                 extent: float = 2.0, fusion_dim: int = 64, head_hidden: int = 64, time_dim: int = 0):
         super().__init__()
         from transformers import CLIPTextModelWithProjection
 
@@ -381,15 +388,26 @@ class ObjectCropRewardModel(nn.Module):
         self.norm = nn.LayerNorm(fusion_dim)
         self.text_pool = DimensionTextPool(d, text_config.hidden_size, fusion_dim)
         self.heads = DimensionHeads(self.dimensions, 3 * fusion_dim, head_hidden)
+        self.time_dim = int(time_dim)
+        if self.time_dim:
+            self.mask_time = nn.Linear(self.time_dim, 16)     # bias of the mask net's first hidden layer
+            self.time_proj = nn.Linear(self.time_dim, d * fusion_dim)
+            for lin in (self.mask_time, self.time_proj):      # start as the clean-image model
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
-    def canonical(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(crop [M, 4, crop, crop] of [alpha, x - bg], globals [M, 2] = (log area fraction, contrast))."""
+    def canonical(self, x: torch.Tensor, tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crop [M, 4, crop, crop] of [alpha, x - bg], globals [M, 2] = (log area fraction, contrast)).
+        ``tau`` [M, time_dim]: the noise-level embedding (time-aware models only)."""
         m, _, h, w = x.shape
         diff = x - border_background(x)[:, :, None, None]
         dist = diff.norm(dim=1, keepdim=True)
         contrast = dist.flatten(1).max(dim=1).values
         nd = dist / (contrast[:, None, None, None] + 1e-3)
-        logit = self.mask_prior * (nd - 0.5) + self.mask_net(torch.cat([x, diff, nd], dim=1))
+        hidden = self.mask_net[0](torch.cat([x, diff, nd], dim=1))
+        if tau is not None:
+            hidden = hidden + self.mask_time(tau)[:, :, None, None]
+        logit = self.mask_prior * (nd - 0.5) + self.mask_net[1:](hidden)
         alpha = torch.sigmoid(logit)
         mass = alpha.sum(dim=(1, 2, 3)).clamp(min=1.0)
         ys = (2 * torch.arange(h, device=x.device, dtype=x.dtype) + 1) / h - 1  # pixel centres, grid_sample units
@@ -407,12 +425,18 @@ class ObjectCropRewardModel(nn.Module):
         return crop, glob
 
     def forward(self, frames: torch.Tensor, times: torch.Tensor, frame_mask: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> torch.Tensor:
+                attention_mask: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         n, f = frames.shape[:2]
         d = len(self.dimensions)
         x = frames.reshape(n * f, *frames.shape[2:]).float()
-        crop, glob = self.canonical(x)
-        q = self.norm(self.proj(torch.cat([self.trunk(crop).flatten(1), glob], dim=1)).view(n * f, d, -1))
+        if extra is not None and not self.time_dim:
+            raise RewardError("this object member was built without time conditioning (time_dim=0) but got extra")
+        tau = extra.float().repeat_interleave(f, dim=0) if extra is not None else None
+        crop, glob = self.canonical(x, tau)
+        feat = self.proj(torch.cat([self.trunk(crop).flatten(1), glob], dim=1))
+        if tau is not None:
+            feat = feat + self.time_proj(tau)
+        q = self.norm(feat.view(n * f, d, -1))
         wts = frame_mask.to(q.dtype).view(n, f, 1, 1)
         q = (q.view(n, f, d, -1) * wts).sum(1) / wts.sum(1).clamp(min=1.0)             # [N, D, C]
         text_tokens, _ = _encode_text(self.text, input_ids, attention_mask)
@@ -523,13 +547,21 @@ class DecodedLatentRewardModel(nn.Module):
     learned colour and background in ~750 steps and stayed at chance on shape and layout.
     It is NOT a clean-image reward applied to an x0 estimate (VideoAlign Table 7): it sees x_t itself.
 
+    ``body``: the model reading the decoded pixels; None = one :class:`FrameRewardModel` for every dimension.
+    A :class:`CompositeRewardModel` (e.g. a frames member for colour/background/layout and a time-aware
+    :class:`ObjectCropRewardModel` for shape, see :func:`build_model`) gets the same noise-level embedding in
+    every member. Measured on the world (configs/world-latent-reward-composite, 600 steps, held-out pairs w/o ties
+    at t = 0.5): shape 0.787 with the object member vs 0.593 with one frames body; colour/background/layout
+    0.791/0.967/0.876 vs 0.794/0.943/0.866.
+
     forward(x_t [N, C, h, w] or [N, C, F, h, w] scaled latents, t [N] unit time, input_ids [N, L],
     attention_mask [N, L]) -> [N, D]; differentiable in x_t through the decoder.
     """
 
     def __init__(self, vae_config: dict, scaling_factor: float, shift_factor: float, vision_config: Any,
                  text_config: Any, dimensions: Sequence[str], *, image_size: int, mean: Sequence[float],
-                 std: Sequence[float], fusion_dim: int = 128, head_hidden: int = 128, fusion_layers: int = 2):
+                 std: Sequence[float], fusion_dim: int = 128, head_hidden: int = 128, fusion_layers: int = 2,
+                 body: nn.Module | None = None):
         super().__init__()
         from diffusers import AutoencoderKL
 
@@ -544,8 +576,11 @@ class DecodedLatentRewardModel(nn.Module):
         self.register_buffer("mean", torch.tensor(list(mean)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(list(std)).view(1, 3, 1, 1), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(fusion_dim, fusion_dim), nn.SiLU(), nn.Linear(fusion_dim, fusion_dim))
-        self.body = FrameRewardModel(vision_config, text_config, dimensions, fusion_dim=fusion_dim,
-                                     head_hidden=head_hidden, temporal="mean", fusion_layers=fusion_layers)
+        if body is not None and tuple(body.dimensions) != self.dimensions:
+            raise RewardError(f"latent reward body scores {body.dimensions}, expected {self.dimensions}")
+        self.body = body if body is not None else FrameRewardModel(
+            vision_config, text_config, dimensions, fusion_dim=fusion_dim, head_hidden=head_hidden, temporal="mean",
+            fusion_layers=fusion_layers)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> torch.Tensor:
@@ -812,39 +847,49 @@ def build_model(spec: dict) -> nn.Module:
         raise RewardError(f"reward_config.json: kind {kind!r} is not one of {KINDS}")
     text_cfg = CLIPTextConfig.from_dict(arch["text_config"])
     if kind == "latent" and arch.get("backbone", "conv") == "decoder":
+        vision_cfg = CLIPVisionConfig.from_dict(arch["vision_config"])
+        # architecture.members (optional): the decoded pixels are read by a composite, every member noise-aware
+        body = _composite(spec, vision_cfg, text_cfg, temporal="mean", time_dim=int(arch["fusion_dim"])) \
+            if arch.get("members") else None
         return DecodedLatentRewardModel(
             arch["vae_config"], arch["vae_scaling_factor"], arch["vae_shift_factor"],
-            CLIPVisionConfig.from_dict(arch["vision_config"]), text_cfg, spec["dimensions"],
+            vision_cfg, text_cfg, spec["dimensions"],
             image_size=int(arch["image_size"]), mean=arch["image_mean"], std=arch["image_std"],
             fusion_dim=int(arch["fusion_dim"]), head_hidden=int(arch["head_hidden"]),
-            fusion_layers=int(arch["fusion_layers"]))
+            fusion_layers=int(arch["fusion_layers"]), body=body)
     if kind == "latent":
         return LatentRewardModel(int(arch["latent_channels"]), text_cfg, spec["dimensions"], width=int(arch["width"]),
                                  levels=int(arch["levels"]), fusion_dim=int(arch["fusion_dim"]),
                                  head_hidden=int(arch["head_hidden"]), grid=int(arch["grid"]),
                                  fusion_layers=int(arch["fusion_layers"]))
     vision_cfg = CLIPVisionConfig.from_dict(arch["vision_config"])
-
-    def member(dims: Sequence[str]) -> FrameRewardModel:
-        return FrameRewardModel(vision_cfg, text_cfg, dims, fusion_dim=int(arch["fusion_dim"]),
-                                head_hidden=int(arch["head_hidden"]), temporal=arch["temporal"],
-                                fusion_layers=int(arch["fusion_layers"]), stem=arch.get("stem", "patch"))
-
     if kind == "composite":
-        members = []
-        for ms in composite_members(spec):
-            if ms["backbone"] == "object":
-                members.append(ObjectCropRewardModel(text_cfg, ms["dimensions"], width=int(ms["width"]),
-                                                     crop=int(ms["crop"]), extent=float(ms["extent"]),
-                                                     fusion_dim=int(arch["fusion_dim"]),
-                                                     head_hidden=int(arch["head_hidden"])))
-            elif ms["backbone"] == "frames":
-                members.append(member(ms["dimensions"]))
-            else:
-                raise RewardError(f"reward_config.json: composite member backbone {ms['backbone']!r} is not one of "
-                                  "frames, object")
-        return CompositeRewardModel(members, spec["dimensions"])
-    return member(spec["dimensions"])
+        return _composite(spec, vision_cfg, text_cfg, temporal=arch["temporal"])
+    return _frames_member(spec["dimensions"], arch, vision_cfg, text_cfg, arch["temporal"])
+
+
+def _frames_member(dims: Sequence[str], arch: dict, vision_cfg: Any, text_cfg: Any, temporal: str) -> FrameRewardModel:
+    return FrameRewardModel(vision_cfg, text_cfg, dims, fusion_dim=int(arch["fusion_dim"]),
+                            head_hidden=int(arch["head_hidden"]), temporal=temporal,
+                            fusion_layers=int(arch["fusion_layers"]), stem=arch.get("stem", "patch"))
+
+
+def _composite(spec: dict, vision_cfg: Any, text_cfg: Any, *, temporal: str, time_dim: int = 0) -> CompositeRewardModel:
+    """The composite of ``spec``'s members; ``time_dim`` > 0 makes object members noise-aware (latent body)."""
+    arch = spec["architecture"]
+    members: list[nn.Module] = []
+    for ms in composite_members(spec):
+        if ms["backbone"] == "object":
+            members.append(ObjectCropRewardModel(text_cfg, ms["dimensions"], width=int(ms["width"]),
+                                                 crop=int(ms["crop"]), extent=float(ms["extent"]),
+                                                 fusion_dim=int(arch["fusion_dim"]),
+                                                 head_hidden=int(arch["head_hidden"]), time_dim=time_dim))
+        elif ms["backbone"] == "frames":
+            members.append(_frames_member(ms["dimensions"], arch, vision_cfg, text_cfg, temporal))
+        else:
+            raise RewardError(f"reward_config.json: composite member backbone {ms['backbone']!r} is not one of "
+                              "frames, object")
+    return CompositeRewardModel(members, spec["dimensions"])
 
 
 def composite_members(spec: dict) -> list[dict]:

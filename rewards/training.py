@@ -28,7 +28,7 @@ from .base import Normalizer, RewardError
 from .btt import btt_loss
 from .data import LabelledPairs, load_labelled_pairs
 from .train_cli import RewardRunConfig, composite_groups
-from .trained import (WORLD_MEAN_STD, FrameReward, TrainedReward, _clip_norm, build_model,
+from .trained import (WORLD_MEAN_STD, CompositeRewardModel, FrameReward, TrainedReward, _clip_norm, build_model,
                       load_clip_text, load_clip_tokenizer, load_clip_vision, resize_square, sample_video,
                       stack_clips, world_text_config, world_tokenizer, world_vision_config, wrap)
 
@@ -94,14 +94,13 @@ def build_reward_model(cfg: RewardRunConfig, latent_channels: int | None = None,
                                   "image_size": vision_cfg.image_size, "image_mean": list(mean), "image_std": list(std),
                                   "fusion_dim": m.fusion_dim, "head_hidden": m.head_hidden,
                                   "fusion_layers": m.fusion_layers})
+        if m.members:  # a composite body (model.members / member_backbones), every member noise-aware
+            spec["architecture"]["members"] = [_member_spec(g, m) for g in composite_groups(m)]
         model = build_model(spec)
         missing, unexpected = model.vae.load_state_dict(vae.state_dict(), strict=False)
         if missing or any(not k.startswith(("encoder.", "quant_conv.")) for k in unexpected):
             raise RewardError(f"generator VAE does not fit its own config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        if vision_module is not None:
-            model.body.vision.load_state_dict(vision_module.state_dict())
-        if text_module is not None:
-            model.body.text.load_state_dict(text_module.state_dict())
+        _load_towers(_members(model.body), vision_module, text_module)
         return model, tok, spec
     if m.kind == "latent":
         tok, text_cfg, text_module = _text_tower(text_source(cfg), cfg)
@@ -129,13 +128,21 @@ def build_reward_model(cfg: RewardRunConfig, latent_channels: int | None = None,
     if m.kind == "composite":
         spec["architecture"]["members"] = [_member_spec(g, m) for g in composite_groups(m)]
     model = build_model(spec)
-    members = [model] if m.kind == "frames" else list(model.members.values())
+    _load_towers(_members(model), vision_module, text_module)
+    return model, tok, spec
+
+
+def _members(model: nn.Module) -> list[nn.Module]:
+    """A composite's members, or the model itself."""
+    return list(model.members.values()) if isinstance(model, CompositeRewardModel) else [model]
+
+
+def _load_towers(members: list[nn.Module], vision_module, text_module) -> None:
     for member in members:  # every composite member starts from the same pretrained towers (object: text only)
         if vision_module is not None and hasattr(member, "vision"):
             member.vision.load_state_dict(vision_module.state_dict())
         if text_module is not None:
             member.text.load_state_dict(text_module.state_dict())
-    return model, tok, spec
 
 
 def _member_spec(dims: list[str], m) -> dict:
@@ -165,7 +172,8 @@ def _param_groups(model: nn.Module, cfg: RewardRunConfig) -> list[dict]:
     own: list[dict] = []
     taken: set[int] = set()
     if cfg.optim.member_lr:
-        for member in model.members.values():
+        composite = model.body if isinstance(getattr(model, "body", None), CompositeRewardModel) else model
+        for member in composite.members.values():
             rates = {float(cfg.optim.member_lr[d]) for d in member.dimensions if d in cfg.optim.member_lr}
             if len(rates) > 1:
                 raise RewardError(f"optim.member_lr gives the member {list(member.dimensions)} two learning rates")

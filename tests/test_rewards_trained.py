@@ -338,6 +338,75 @@ def test_decoder_latent_reward_reads_x_t_through_the_generators_vae(tmp_path):
         assert torch.equal(again[d], scores[d].detach()), d
 
 
+def _decoder_latent(*overrides: str):
+    from diffusers import AutoencoderKL
+
+    from diffalign.models import resolve_pretrained
+    from diffalign.rewards.trained import wrap
+    from diffalign.rewards.training import build_reward_model
+
+    vae = AutoencoderKL.from_pretrained(resolve_pretrained("world:flow"), subfolder="vae")
+    cfg = _cfg("model.kind=latent", "model.latent_backbone=decoder", "model.latent_clip=world:clip",
+               "model.text_pretrained=", *overrides)
+    model, tok, spec = build_reward_model(cfg, latent_channels=vae.config.latent_channels, vae=vae)
+    side = 32 // 2 ** (len(vae.config.block_out_channels) - 1)
+    return wrap(model, tok, spec), cfg, (vae.config.latent_channels, side, side)
+
+
+def test_decoder_latent_reward_with_a_composite_body(tmp_path):
+    """world-latent-reward-composite: the decoded noisy pixels are read by a frames member (colour, background,
+    layout) and a noise-aware object-crop member (shape); gradients reach x_t, every member sees t, and the
+    folder round-trips through build_reward."""
+    from diffalign.rewards import build_reward
+    from diffalign.rewards.trained import CompositeRewardModel, FrameRewardModel, ObjectCropRewardModel
+    from diffalign.rewards.training import _param_groups
+
+    reward, cfg, shape = _decoder_latent(*OBJECT_SHAPE, "optim.member_lr={shape: 0.001}")
+    body = reward.model.body
+    assert isinstance(body, CompositeRewardModel) and list(body.members) == ["color__background__layout", "shape"]
+    assert isinstance(body.members["color__background__layout"], FrameRewardModel)
+    obj = body.members["shape"]
+    assert isinstance(obj, ObjectCropRewardModel) and obj.time_dim == cfg.model.fusion_dim
+    assert reward.spec["architecture"]["members"][1]["backbone"] == "object"
+    groups = _param_groups(reward.model, cfg)  # the shape member's own learning rate
+    assert groups[-1]["lr"] == 1e-3 and {id(p) for p in groups[-1]["params"]} == {id(p) for p in obj.parameters()}
+    # the time conditioning starts at zero (the clean-image model); give it weights so t visibly matters
+    with torch.no_grad():
+        for p in (*obj.time_proj.parameters(), *obj.mask_time.parameters(), *obj.mask_net[-1].parameters()):
+            p.normal_(0, 0.1)
+    _, caps = _world_batch(3)
+    x_t = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    t = torch.tensor([0.2, 0.5, 0.7])
+    scores = reward(x_t, caps, t=t)
+    assert list(scores) == WORLD_DIMS and all(v.shape == (3,) for v in scores.values())
+    scores["shape"].sum().backward()  # through the object member and the frozen decoder
+    assert torch.isfinite(x_t.grad).all() and x_t.grad.abs().sum() > 0
+    with torch.no_grad():
+        other_t = reward(x_t, caps, t=torch.tensor([0.9, 0.1, 0.3]))
+    for d in WORLD_DIMS:  # the noise level reaches every member
+        assert not torch.allclose(other_t[d], scores[d].detach()), d
+    reward.save(tmp_path / "latc")
+    loaded = build_reward(str(tmp_path / "latc"))
+    assert isinstance(loaded.model.body, CompositeRewardModel)
+    with torch.no_grad():
+        again = loaded(x_t.detach(), caps, t=t)
+    for d in WORLD_DIMS:
+        assert torch.equal(again[d], scores[d].detach()), d
+
+
+def test_latent_member_config_errors():
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="for model.kind=composite or model.kind=latent"):
+        _cfg("model.kind=latent", "model.latent_backbone=conv", *OBJECT_SHAPE)
+    with pytest.raises(ConfigError, match="for model.kind=composite or model.kind=latent"):
+        _cfg("model.kind=latent", "model.latent_backbone=decoder", "model.member_backbones={shape: object}")
+    with pytest.raises(ConfigError, match="optim.member_lr is for model.kind=composite"):
+        _cfg("model.kind=latent", "model.latent_backbone=decoder", "optim.member_lr={shape: 0.001}")
+    cfg = _cfg("model.kind=latent", "model.latent_backbone=decoder", *OBJECT_SHAPE, "optim.member_lr={shape: 0.001}")
+    assert cfg.model.members == [["color", "background", "layout"], ["shape"]]
+
+
 def test_latent_reward_gradient_wrt_noisy_latents_is_finite():
     reward, _ = _build("latent")
     _, caps = _world_batch(3)
