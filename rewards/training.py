@@ -144,6 +144,8 @@ def _member_spec(dims: list[str], m) -> dict:
     out: dict[str, Any] = {"dimensions": list(dims), "backbone": backbone}
     if backbone == "object":
         out.update(width=m.object_width, crop=m.object_crop, extent=m.object_extent)
+    elif backbone == "track":
+        out.update(width=m.track_width, layers=m.track_layers)
     return out
 
 

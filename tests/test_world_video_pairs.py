@@ -173,12 +173,15 @@ def test_source_reversed_clip_loses_ta_and_jittered_loses_mq():
         assert (pairs.labels[:, j] == 1).all(), (dim, pairs.labels)
 
 
-def test_train_reward_on_video_renders_saves_a_loadable_video_reward(tmp_path, capsys):
+@pytest.mark.parametrize("recipe", ["world-videoreward", "world-videoreward-composite"])
+def test_train_reward_on_video_renders_saves_a_loadable_video_reward(recipe, tmp_path, capsys):
+    """A few-step run of each recipe (frames model; composite with the object-track MQ member) on the source
+    saves a folder that build_reward loads and scores videos with (fps given, frames sampled by time)."""
     from diffalign.cli import main
     from diffalign.rewards import build_reward
 
     out = tmp_path / "vr"
-    code = main(["train-reward", "world-videoreward",
+    code = main(["train-reward", recipe,
                  "data.path=world:video-renders?split=train&prompts=8&per_caption=2",
                  "data.val_path=world:video-renders?split=heldout&prompts=4&per_caption=2&seed=1",
                  "train.max_steps=3", "train.batch_size=4", "train.eval_every=0", "train.eval_batch_size=8",
@@ -196,3 +199,18 @@ def test_train_reward_on_video_renders_saves_a_loadable_video_reward(tmp_path, c
     with torch.no_grad():
         s = reward(clips, [x.caption() for x in scenes], fps=[8.0, 8.0])
     assert set(s) == set(DIMS) and all(v.shape == (2,) and torch.isfinite(v).all() for v in s.values())
+    if recipe.endswith("composite"):
+        assert spec["architecture"]["members"][1] == {"dimensions": ["MQ"], "backbone": "track", "width": 64,
+                                                      "layers": 2}
+        pixels = clips.clone().requires_grad_(True)
+        reward(pixels, [x.caption() for x in scenes], fps=[8.0, 8.0])["MQ"].sum().backward()
+        assert pixels.grad is not None and pixels.grad.abs().sum() > 0   # the track member is differentiable
+
+
+def test_track_backbone_config_checks():
+    from diffalign.rewards.train_cli import ConfigError, load_reward_config
+
+    cfg = load_reward_config("world-videoreward-composite", [])
+    assert cfg.model.member_backbones == {"MQ": "track"} and cfg.model.members == [["VQ", "TA"], ["MQ"]]
+    with pytest.raises(ConfigError, match="track_width"):
+        load_reward_config("world-videoreward-composite", ["model.track_width=6"])
