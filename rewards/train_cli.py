@@ -69,6 +69,8 @@ class RewardModelConfig:
     object_extent: float = _f(2.0, "object members: the crop spans +- this many area-equivalent radii of the object.")
     track_width: int = _f(64, "track members: width of the per-frame track embedding and its transformer.")
     track_layers: int = _f(2, "track members: transformer layers over the frames.")
+    track_magnitudes: bool = _f(False, "track members: also feed the lengths of the centroid's per-frame displacement "
+                                "and of its change (direction-free speed and jerk).")
     latent_backbone: str = _f("conv", "latent: conv (a small FiLM conv trunk over x_t, trained from scratch; cheap on "
                               "large latents) | decoder (the generator's frozen VAE decoder, then a pretrained CLIP "
                               "frame model, model.latent_clip, with a noise-level embedding).")

@@ -450,18 +450,22 @@ class TrackRewardModel(nn.Module):
     FEATURES = 7 * 3  # (cx, cy, log area, contrast, colour rgb) and their first and second differences
 
     def __init__(self, text_config: Any, dimensions: Sequence[str], *, width: int = 64, layers: int = 2,
-                 fusion_dim: int = 64, head_hidden: int = 64):
+                 fusion_dim: int = 64, head_hidden: int = 64, magnitudes: bool = False):
         super().__init__()
         from transformers import CLIPTextModelWithProjection
 
         self.dimensions = tuple(dimensions)
+        # magnitudes: also the lengths of the centroid's first and second differences (displacement per frame
+        # and its change), which do not depend on the direction of motion (speed and jerk do not either)
+        self.magnitudes = bool(magnitudes)
         self.text = CLIPTextModelWithProjection(text_config)
         self.mask_net = nn.Sequential(nn.Conv2d(7, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, 16, 3, padding=1),
                                       nn.GELU(), nn.Conv2d(16, 1, 1))
         nn.init.zeros_(self.mask_net[-1].weight)
         nn.init.zeros_(self.mask_net[-1].bias)
         self.mask_prior = nn.Parameter(torch.tensor(16.0))
-        self.frame_in = nn.Sequential(nn.Linear(self.FEATURES, width), nn.GELU(), nn.Linear(width, width))
+        self.frame_in = nn.Sequential(nn.Linear(self.FEATURES + 2 * self.magnitudes, width), nn.GELU(),
+                                      nn.Linear(width, width))
         self.time_proj = nn.Linear(width, width)
         self.layers = nn.TransformerEncoder(nn.TransformerEncoderLayer(width, 4, dim_feedforward=2 * width, dropout=0.0,
                                                                        batch_first=True, norm_first=True), layers,
@@ -496,7 +500,10 @@ class TrackRewardModel(nn.Module):
         d1[:, 1:] = (tr[:, 1:] - tr[:, :-1]) * valid[:, 1:] * valid[:, :-1]
         d2 = torch.zeros_like(tr)
         d2[:, 1:-1] = (tr[:, 2:] - 2 * tr[:, 1:-1] + tr[:, :-2]) * valid[:, 2:] * valid[:, 1:-1] * valid[:, :-2]
-        feats = torch.cat([tr, 10.0 * d1, 30.0 * d2], dim=-1)
+        feats = [tr, 10.0 * d1, 30.0 * d2]
+        if self.magnitudes:
+            feats += [10.0 * d1[..., :2].norm(dim=-1, keepdim=True), 30.0 * d2[..., :2].norm(dim=-1, keepdim=True)]
+        feats = torch.cat(feats, dim=-1)
         h = self.frame_in(feats)
         h = h + self.time_proj(sinusoidal_embedding(times * 10.0, h.shape[-1]).to(h.dtype))
         h = self.layers(h, src_key_padding_mask=~frame_mask) if f > 1 else self.layers(h)
@@ -930,7 +937,8 @@ def build_model(spec: dict) -> nn.Module:
             elif ms["backbone"] == "track":
                 members.append(TrackRewardModel(text_cfg, ms["dimensions"], width=int(ms["width"]),
                                                 layers=int(ms.get("layers", 2)), fusion_dim=int(arch["fusion_dim"]),
-                                                head_hidden=int(arch["head_hidden"])))
+                                                head_hidden=int(arch["head_hidden"]),
+                                                magnitudes=bool(ms.get("magnitudes", False))))
             elif ms["backbone"] == "frames":
                 members.append(member(ms["dimensions"]))
             else:

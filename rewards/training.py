@@ -145,7 +145,7 @@ def _member_spec(dims: list[str], m) -> dict:
     if backbone == "object":
         out.update(width=m.object_width, crop=m.object_crop, extent=m.object_extent)
     elif backbone == "track":
-        out.update(width=m.track_width, layers=m.track_layers)
+        out.update(width=m.track_width, layers=m.track_layers, magnitudes=m.track_magnitudes)
     return out
 
 

@@ -201,7 +201,7 @@ def test_train_reward_on_video_renders_saves_a_loadable_video_reward(recipe, tmp
     assert set(s) == set(DIMS) and all(v.shape == (2,) and torch.isfinite(v).all() for v in s.values())
     if recipe.endswith("composite"):
         assert spec["architecture"]["members"][1] == {"dimensions": ["MQ"], "backbone": "track", "width": 64,
-                                                      "layers": 2}
+                                                      "layers": 2, "magnitudes": True}
         pixels = clips.clone().requires_grad_(True)
         reward(pixels, [x.caption() for x in scenes], fps=[8.0, 8.0])["MQ"].sum().backward()
         assert pixels.grad is not None and pixels.grad.abs().sum() > 0   # the track member is differentiable
