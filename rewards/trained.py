@@ -441,7 +441,9 @@ class TrackRewardModel(nn.Module):
     Why: motion quality in the world is the object's path over time (constant velocity at the captioned
     pace); jitter of a fraction of a pixel at 16 px is a sub-patch change of a CLIP frame feature, while the
     mask's centroid resolves it directly. Like the object crop, this encodes the world's one-object-on-a-
-    plain-background assumption (as the oracle does). Measured: see configs/world-videoreward.yaml.
+    plain-background assumption (as the oracle does). Measured on video-world pairs (held-out MQ accuracy
+    without ties): this member 0.874 (400 steps, with magnitudes), 0.799 without them (300 steps); the CLIP
+    frames model 0.583 (300 steps). See configs/world-videoreward-composite.yaml.
 
     forward(frames [N, F, 3, S, S] normalised pixels, times [N, F] seconds, frame_mask [N, F], input_ids
             [N, L], attention_mask [N, L]) -> [N, D].
