@@ -22,6 +22,14 @@ Sources (``data.path`` / ``data.val_path`` of the train-reward config; a list co
   of pairs that differ in exactly one attribute; ``blur`` = max per-image Gaussian blur std in pixels; ``warp`` = max RMS of a smooth random
   displacement field in pixels, for generator-like irregular shapes),
   labelled like the parquet.
+* ``world:video-renders?split=train&per_caption=4&seed=0&frames=8&fps=8&change_prob=0.2&motion_prob=0.5&appearance_prob=0.3&minimal=0.5&noise=12&blur=0.6&jitter=0.04``
+  renders pairs of video-world clips in memory (``diffalign.world.video_pairs.video_pairs``: the caption's
+  clip with changed attributes, motion faults such as jitter / shuffled / repeated frames / wrong speed or
+  direction, and appearance faults such as colour or size flicker), labelled per dimension by the video
+  oracle mapped to VQ / MQ / TA (``diffalign.world.video_oracle.videoreward_scores``; a tie when the two
+  scores differ by <= ``tie_margin``). Clips are uint8 [N, F, H, W, 3] held in ``images_a``/``images_b``
+  with their real frame rate ``fps`` in ``fps_a``/``fps_b``, so frames are sampled by time. ``split`` is
+  the VIDEO world's split (``video_prompt_splits``: 720 train / 432 held-out captions).
 * ``world:samples?model=world:flow&split=train&prompts=192&k=4&seed=0&steps=15`` samples a world
   generator and keeps every within-prompt pair (``make_pairs(pairing="all")``); the parquet is cached
   under ``$DIFFALIGN_HOME/world-pairs`` (sampling on a CPU takes minutes).
@@ -54,7 +62,8 @@ VIDEOALIGN_DIMENSIONS: tuple[str, ...] = ("VQ", "MQ", "TA")
 class LabelledPairs:
     """N preference pairs with per-dimension labels.
 
-    images_a / images_b: uint8 [N, H, W, 3] (in-memory images) or None when media come from files;
+    images_a / images_b: uint8 [N, H, W, 3] (in-memory images), uint8 [N, F, H, W, 3] (in-memory clips,
+    with their real frame rates in fps_a / fps_b) or None when media come from files;
     paths_a / paths_b: list[str] of N files (videos or images) or None; fps_a / fps_b: N floats or None
     (None = use the file's own rate); prompts: N strings; labels: int8 [N, D] (+1 A, -1 B, 0 tie);
     mask: bool [N, D]; dimensions: D names; rows: source row of each pair (for messages); groups: a
@@ -127,8 +136,15 @@ def concat_pairs(parts: Sequence[LabelledPairs]) -> LabelledPairs:
         np.concatenate([p.images_a for p in parts]) if in_mem else None,
         np.concatenate([p.images_b for p in parts]) if in_mem else None,
         None if in_mem else cat("paths_a"), None if in_mem else cat("paths_b"),
-        None if in_mem else cat("fps_a"), None if in_mem else cat("fps_b"),
+        _cat_fps(parts, "fps_a"), _cat_fps(parts, "fps_b"),
         cat("rows"), cat("groups"), " + ".join(p.source for p in parts), sum(p.dropped_unlabelled for p in parts))
+
+
+def _cat_fps(parts: Sequence[LabelledPairs], name: str) -> list[float | None] | None:
+    """Concatenated frame rates (None for parts without any, e.g. in-memory images); None if no part has any."""
+    if all(getattr(p, name) is None for p in parts):
+        return None
+    return sum((list(getattr(p, name)) if getattr(p, name) is not None else [None] * len(p) for p in parts), [])
 
 
 # --------------------------------------------------------------------------------------------- labels
@@ -344,6 +360,42 @@ def world_render_source(spec: str, dimensions: Sequence[str], tie_margin: float)
                                                     r["scores_1"], dimensions, tie_margin, source=spec, group=group))
 
 
+def _video_world_captions(split: str, prompts: int | None, seed: int) -> list[str]:
+    from diffalign.world.video import video_prompt_splits
+
+    if split not in ("train", "heldout"):
+        raise DataError(f"world:video-renders: split={split!r} must be 'train' or 'heldout'")
+    train, heldout = video_prompt_splits(0)
+    caps = [s.caption() for s in (train if split == "train" else heldout)]
+    if prompts is not None and prompts < len(caps):
+        order = np.random.default_rng(seed).permutation(len(caps))[:prompts]
+        caps = [caps[i] for i in sorted(order)]
+    return caps
+
+
+def world_video_render_source(spec: str, dimensions: Sequence[str], tie_margin: float) -> LabelledPairs:
+    """``world:video-renders?...`` (see the module docstring): video-world clip pairs rendered in memory."""
+    from diffalign.world.video_pairs import video_pairs
+
+    opts = _parse_query(spec, {"split": str, "per_caption": int, "seed": int, "prompts": int, "change_prob": float,
+                               "motion_prob": float, "appearance_prob": float, "minimal": float, "noise": float,
+                               "blur": float, "jitter": float, "frames": int, "fps": float, "size": int})
+    fps = opts.pop("fps", 8.0)
+    if not (math.isfinite(fps) and fps > 0):
+        raise DataError(f"{spec}: fps must be a positive number, got {fps}")
+    split, prompts = opts.pop("split", "train"), opts.pop("prompts", None)
+    caps = _video_world_captions(split, prompts, opts.get("seed", 0))
+    try:
+        r = video_pairs(caps, **opts)
+    except ValueError as e:
+        raise DataError(f"{spec}: {e}") from None
+    pairs = world_pairs_from_scores(r["clips_0"], r["clips_1"], r["captions"], r["scores_0"], r["scores_1"],
+                                    dimensions, tie_margin, source=spec, group=f"video-renders-{split}")
+    pairs.fps_a = [float(fps)] * len(pairs)
+    pairs.fps_b = [float(fps)] * len(pairs)
+    return _drop_unlabelled(pairs)
+
+
 def world_sample_source(spec: str, dimensions: Sequence[str], tie_margin: float, *, show_progress: bool = True) -> LabelledPairs:
     """``world:samples?...``: all within-prompt pairs of generator samples, parquet cached by its options."""
     from diffalign.paths import diffalign_home
@@ -382,7 +434,9 @@ def load_labelled_pairs(spec: str | Sequence[str], dimensions: Sequence[str], *,
         raise DataError("no preference data given (data.path / data.val_path is empty)")
     parts = []
     for s in specs:
-        if s.startswith("world:renders"):
+        if s.startswith("world:video-renders"):
+            parts.append(world_video_render_source(s, dimensions, tie_margin))
+        elif s.startswith("world:renders"):
             parts.append(world_render_source(s, dimensions, tie_margin))
         elif s.startswith("world:samples"):
             parts.append(world_sample_source(s, dimensions, tie_margin, show_progress=show_progress))
@@ -392,7 +446,7 @@ def load_labelled_pairs(spec: str | Sequence[str], dimensions: Sequence[str], *,
             parts.append(read_world_pairs(s, dimensions, tie_margin))
         else:
             raise DataError(f"data source {s!r}: expected a VideoAlign .csv, a world-pairs .parquet, "
-                            "world:renders?... or world:samples?...")
+                            "world:renders?..., world:video-renders?... or world:samples?...")
     pairs = concat_pairs(parts)
     if max_pairs is not None and len(pairs) > max_pairs:
         pairs = pairs.subset(range(max_pairs))

@@ -62,10 +62,17 @@ class RewardModelConfig:
     member_backbones: dict = _f({}, "composite / latent with model.members: backbone of a member, keyed by any one of its dimensions: frames (a "
                                 "frames model on the model.* towers) | object (the object-crop pixel model: learned "
                                 "foreground mask, a crop resampled at the object's centroid and size, a small conv net "
-                                "on it; text tower from model.text_pretrained / model.pretrained). Unlisted: frames.")
+                                "on it; text tower from model.text_pretrained / model.pretrained) | track (the object-track model for "
+                                "clips: the same learned mask reduced per frame to centroid, area, contrast and colour, "
+                                "with their first and second differences and timestamps read by a small transformer "
+                                "over frames). Unlisted: frames.")
     object_width: int = _f(32, "object members: channels of the conv net on the canonical crop.")
     object_crop: int = _f(16, "object members: crop side in samples (a multiple of 4).")
     object_extent: float = _f(2.0, "object members: the crop spans +- this many area-equivalent radii of the object.")
+    track_width: int = _f(64, "track members: width of the per-frame track embedding and its transformer.")
+    track_layers: int = _f(2, "track members: transformer layers over the frames.")
+    track_magnitudes: bool = _f(False, "track members: also feed the lengths of the centroid's per-frame displacement "
+                                "and of its change (direction-free speed and jerk).")
     latent_backbone: str = _f("conv", "latent: conv (a small FiLM conv trunk over x_t, trained from scratch; cheap on "
                               "large latents) | decoder (the generator's frozen VAE decoder, then a pretrained CLIP "
                               "frame model, model.latent_clip, with a noise-level embedding).")
@@ -191,7 +198,7 @@ def _validate(cfg: RewardRunConfig) -> None:
         raise ConfigError(f"train.eval_times must be noise levels in [0, 1), got {t.eval_times}")
 
 
-MEMBER_BACKBONES = ("frames", "object")
+MEMBER_BACKBONES = ("frames", "object", "track")
 
 
 def _validate_members(m: RewardModelConfig) -> None:
@@ -213,6 +220,9 @@ def _validate_members(m: RewardModelConfig) -> None:
     if m.object_width < 1 or m.object_crop < 4 or m.object_crop % 4 or m.object_extent <= 0:
         raise ConfigError("model.object_width must be >= 1, model.object_crop a positive multiple of 4 and "
                           "model.object_extent > 0")
+    if m.track_width < 4 or m.track_width % 4 or m.track_layers < 1:
+        raise ConfigError("model.track_width must be a positive multiple of 4 (4 attention heads) and "
+                          "model.track_layers >= 1")
 
 
 def has_members(m: RewardModelConfig) -> bool:

@@ -444,6 +444,104 @@ class ObjectCropRewardModel(nn.Module):
         return self.heads(fuse(q, t))
 
 
+def soft_object_mask(x: torch.Tensor, prior: torch.Tensor, mask_net: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alpha [M, 1, S, S], x - background [M, 3, S, S], contrast [M]) of images [M, 3, S, S]: the soft
+    foreground mask of :class:`ObjectCropRewardModel` (contrast against the border-ring background, plus a
+    learned correction)."""
+    diff = x - border_background(x)[:, :, None, None]
+    dist = diff.norm(dim=1, keepdim=True)
+    contrast = dist.flatten(1).max(dim=1).values
+    nd = dist / (contrast[:, None, None, None] + 1e-3)
+    return torch.sigmoid(prior * (nd - 0.5) + mask_net(torch.cat([x, diff, nd], dim=1))), diff, contrast
+
+
+class TrackRewardModel(nn.Module):
+    """Object-track scorer for single-object clips (the video world): each frame is reduced to where the
+    object is and how it looks (soft-mask centroid, log area, contrast, mean colour against the background;
+    the learned mask of :class:`ObjectCropRewardModel`), the per-frame track plus its first and second
+    differences and the frame's timestamp (seconds) is read by a small transformer over the frames, and the
+    pooled track feature is fused with per-dimension prompt summaries as in the frame model.
+
+    Why: motion quality in the world is the object's path over time (constant velocity at the captioned
+    pace); jitter of a fraction of a pixel at 16 px is a sub-patch change of a CLIP frame feature, while the
+    mask's centroid resolves it directly. Like the object crop, this encodes the world's one-object-on-a-
+    plain-background assumption (as the oracle does). Measured on video-world pairs (held-out MQ accuracy
+    without ties): this member 0.874 (400 steps, with magnitudes), 0.799 without them (300 steps); the CLIP
+    frames model 0.583 (300 steps). See configs/world-videoreward-composite.yaml.
+
+    forward(frames [N, F, 3, S, S] normalised pixels, times [N, F] seconds, frame_mask [N, F], input_ids
+            [N, L], attention_mask [N, L]) -> [N, D].
+    """
+
+    FEATURES = 7 * 3  # (cx, cy, log area, contrast, colour rgb) and their first and second differences
+
+    def __init__(self, text_config: Any, dimensions: Sequence[str], *, width: int = 64, layers: int = 2,
+                 fusion_dim: int = 64, head_hidden: int = 64, magnitudes: bool = False):
+        super().__init__()
+        from transformers import CLIPTextModelWithProjection
+
+        self.dimensions = tuple(dimensions)
+        # magnitudes: also the lengths of the centroid's first and second differences (displacement per frame
+        # and its change), which do not depend on the direction of motion (speed and jerk do not either)
+        self.magnitudes = bool(magnitudes)
+        self.text = CLIPTextModelWithProjection(text_config)
+        self.mask_net = nn.Sequential(nn.Conv2d(7, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, 16, 3, padding=1),
+                                      nn.GELU(), nn.Conv2d(16, 1, 1))
+        nn.init.zeros_(self.mask_net[-1].weight)
+        nn.init.zeros_(self.mask_net[-1].bias)
+        self.mask_prior = nn.Parameter(torch.tensor(16.0))
+        self.frame_in = nn.Sequential(nn.Linear(self.FEATURES + 2 * self.magnitudes, width), nn.GELU(),
+                                      nn.Linear(width, width))
+        self.time_proj = nn.Linear(width, width)
+        self.layers = nn.TransformerEncoder(nn.TransformerEncoderLayer(width, 4, dim_feedforward=2 * width, dropout=0.0,
+                                                                       batch_first=True, norm_first=True), layers,
+                                            enable_nested_tensor=False)
+        d = len(self.dimensions)
+        self.proj = nn.Linear(2 * width, d * fusion_dim)
+        self.norm = nn.LayerNorm(fusion_dim)
+        self.text_pool = DimensionTextPool(d, text_config.hidden_size, fusion_dim)
+        self.heads = DimensionHeads(self.dimensions, 3 * fusion_dim, head_hidden)
+
+    def track(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-frame [M, 7] = (cx, cy in [-1, 1], log area fraction, contrast, mean object colour - bg)."""
+        _, _, h, w = x.shape
+        alpha, diff, contrast = soft_object_mask(x, self.mask_prior, self.mask_net)
+        mass = alpha.sum(dim=(1, 2, 3)).clamp(min=1e-3)
+        ys = (2 * torch.arange(h, device=x.device, dtype=x.dtype) + 1) / h - 1
+        xs = (2 * torch.arange(w, device=x.device, dtype=x.dtype) + 1) / w - 1
+        cx = (alpha.sum(dim=(1, 2)) * xs).sum(-1) / mass
+        cy = (alpha.sum(dim=(1, 3)) * ys).sum(-1) / mass
+        colour = (alpha * diff).sum(dim=(2, 3)) / mass[:, None]
+        return torch.cat([torch.stack([cx, cy, torch.log(mass / (h * w)), contrast], 1), colour], 1)
+
+    def forward(self, frames: torch.Tensor, times: torch.Tensor, frame_mask: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:
+        n, f = frames.shape[:2]
+        d = len(self.dimensions)
+        tr = self.track(frames.reshape(n * f, *frames.shape[2:]).float()).view(n, f, -1)
+        valid = frame_mask.to(tr.dtype).unsqueeze(-1)
+        tr = tr * valid
+        # differences between consecutive REAL frames (zero where a neighbour is padding), scaled to O(1)
+        d1 = torch.zeros_like(tr)
+        d1[:, 1:] = (tr[:, 1:] - tr[:, :-1]) * valid[:, 1:] * valid[:, :-1]
+        d2 = torch.zeros_like(tr)
+        d2[:, 1:-1] = (tr[:, 2:] - 2 * tr[:, 1:-1] + tr[:, :-2]) * valid[:, 2:] * valid[:, 1:-1] * valid[:, :-2]
+        feats = [tr, 10.0 * d1, 30.0 * d2]
+        if self.magnitudes:
+            feats += [10.0 * d1[..., :2].norm(dim=-1, keepdim=True), 30.0 * d2[..., :2].norm(dim=-1, keepdim=True)]
+        feats = torch.cat(feats, dim=-1)
+        h = self.frame_in(feats)
+        h = h + self.time_proj(sinusoidal_embedding(times * 10.0, h.shape[-1]).to(h.dtype))
+        h = self.layers(h, src_key_padding_mask=~frame_mask) if f > 1 else self.layers(h)
+        wts = frame_mask.to(h.dtype).unsqueeze(-1)
+        mean = (h * wts).sum(1) / wts.sum(1).clamp(min=1.0)
+        rms = ((h ** 2 * wts).sum(1) / wts.sum(1).clamp(min=1.0)).sqrt()
+        q = self.norm(self.proj(torch.cat([mean, rms], dim=-1)).view(n, d, -1))
+        text_tokens, _ = _encode_text(self.text, input_ids, attention_mask)
+        t = self.text_pool(text_tokens, attention_mask)
+        return self.heads(fuse(q, t))
+
+
 class _FiLMBlock(nn.Module):
     """GroupNorm -> FiLM(cond) -> SiLU -> conv, twice, residual; optional 2x downsampling after."""
 
@@ -884,11 +982,16 @@ def _composite(spec: dict, vision_cfg: Any, text_cfg: Any, *, temporal: str, tim
                                                  crop=int(ms["crop"]), extent=float(ms["extent"]),
                                                  fusion_dim=int(arch["fusion_dim"]),
                                                  head_hidden=int(arch["head_hidden"]), time_dim=time_dim))
+        elif ms["backbone"] == "track":
+            members.append(TrackRewardModel(text_cfg, ms["dimensions"], width=int(ms["width"]),
+                                            layers=int(ms.get("layers", 2)), fusion_dim=int(arch["fusion_dim"]),
+                                            head_hidden=int(arch["head_hidden"]),
+                                            magnitudes=bool(ms.get("magnitudes", False))))
         elif ms["backbone"] == "frames":
             members.append(_frames_member(ms["dimensions"], arch, vision_cfg, text_cfg, temporal))
         else:
             raise RewardError(f"reward_config.json: composite member backbone {ms['backbone']!r} is not one of "
-                              "frames, object")
+                              "frames, object, track")
     return CompositeRewardModel(members, spec["dimensions"])
 
 

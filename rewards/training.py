@@ -151,6 +151,8 @@ def _member_spec(dims: list[str], m) -> dict:
     out: dict[str, Any] = {"dimensions": list(dims), "backbone": backbone}
     if backbone == "object":
         out.update(width=m.object_width, crop=m.object_crop, extent=m.object_extent)
+    elif backbone == "track":
+        out.update(width=m.track_width, layers=m.track_layers, magnitudes=m.track_magnitudes)
     return out
 
 
@@ -198,7 +200,8 @@ def _freeze(model: nn.Module, cfg: RewardRunConfig) -> None:
 class FramePairDataset(torch.utils.data.Dataset):
     """Pair i -> dict(a=(clip [K, 3, S, S] normalised, times [K]), b=(...), prompt, labels [D], mask [D]).
 
-    In-memory images become one-frame clips; files are read with ``rewards.media`` (videos sampled by
+    In-memory images become one-frame clips, in-memory clips (``world:video-renders``) are sampled by time
+    at their carried fps like files; files are read with ``rewards.media`` (videos sampled by
     time at the model's sample_fps with the file's real fps, or the CSV's fps_A/fps_B when given).
     """
 
@@ -219,6 +222,13 @@ class FramePairDataset(torch.utils.data.Dataset):
     def _item(self, i: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.pairs
         images = p.images_a if side == "a" else p.images_b
+        if images is not None and images.ndim == 5:  # in-memory clip [F, H, W, 3] at its real fps
+            fps = (p.fps_a if side == "a" else p.fps_b)
+            if fps is None or fps[i] is None:
+                raise RewardError(f"{p.source}: in-memory clip {i} has no fps; clips are sampled by time")
+            x = torch.from_numpy(np.ascontiguousarray(images[i])).permute(0, 3, 1, 2).float() / 255.0
+            frames, times = sample_video(x, float(fps[i]), self.sample_fps, self.max_frames)
+            return self._normalise(frames), times
         if images is not None:
             x = torch.from_numpy(np.ascontiguousarray(images[i])).permute(2, 0, 1)[None].float() / 255.0
             return self._normalise(x), torch.zeros(1)
@@ -267,6 +277,9 @@ def encode_pair_latents(adapter, pairs: LabelledPairs, batch_size: int = 128) ->
     if not pairs.in_memory:
         raise RewardError("the latent reward trains on image pairs held in memory (world pairs parquet or "
                           "world:renders/world:samples); video latents need a video VAE adapter")
+    if pairs.images_a.ndim != 4:
+        raise RewardError("the latent reward trains on image pairs; in-memory clips (world:video-renders) need a "
+                          "frames or composite model")
     out = []
     for images in (pairs.images_a, pairs.images_b):
         chunks = []

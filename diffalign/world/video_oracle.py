@@ -190,3 +190,53 @@ def subset(vm: VideoMeasurement, idx: np.ndarray) -> VideoMeasurement:
     return VideoMeasurement(frames=frames, num_frames=vm.num_frames, velocity=vm.velocity[idx], jerk=vm.jerk[idx],
                             color_flicker=vm.color_flicker[idx], area_flicker=vm.area_flicker[idx],
                             presence=vm.presence[idx])
+
+
+# ------------------------------------------------------------------------------ VideoReward's three dimensions
+
+VIDEOREWARD_DIMENSIONS: tuple[str, ...] = ("VQ", "MQ", "TA")
+
+
+def videoreward_scores(vm: VideoMeasurement, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The world oracle mapped to VideoReward's VQ / MQ / TA (the ONE place this mapping lives).
+
+    ``vm``: :func:`measure_clips` of the clips; ``scores``: :func:`compare_clips` of the same clips.
+    Returns {"VQ", "MQ", "TA"} -> float64 [N] in [0, 1]. The split follows VideoAlign's definitions
+    (VQ: how the frames look, whatever the prompt; MQ: how the motion moves; TA: does the video show
+    what the prompt says), so each perturbation of a clip lands in one dimension:
+
+    * VQ (visual quality) = presence * mean over frames of k(1 - best shape IoU, 0.35, 4)
+      * k(colour flicker, 40, 4) * k(area flicker, 0.3, 4). The best IoU over ALL three shape
+      templates is caption-free shape FIDELITY (a crisp circle, square or triangle scores ~1; noise,
+      blur and broken outlines lower it; a wrong but clean shape does not), and the flicker terms are
+      the appearance half of the oracle's smoothness (the object's colour or size jumping between
+      frames is a rendering artefact, not motion). A missing object (presence) is the worst VQ.
+    * MQ (motion quality) = mean(presence * k(jerk, 0.03, 4), speed): the motion half of the oracle's
+      smoothness (constant velocity; jitter, shuffled, repeated or eased frames give jerk) averaged
+      with the oracle's speed score (moving at the captioned pace; a static object scores 0 on it).
+      Speed uses |v|, so a wrong DIRECTION does not touch MQ. A mean, not a product, so a clip that is
+      both jerky and at the wrong pace ranks below one with only one of those faults.
+    * TA (text alignment) = mean(color, shape, background, size, direction): the caption-match
+      dimensions of the oracle (object colour, the captioned shape, background colour, size word,
+      direction word). Speed's word is also in the caption, but its score already counts in MQ and
+      each oracle score is used once, so a pair that differs only in speed is a TA tie.
+    """
+    presence = vm.presence
+    iou_best = vm.frames.iou.max(axis=1).reshape(-1, vm.num_frames)
+    fidelity = _soft_below(1.0 - iou_best, 0.35, 4.0).mean(axis=1)
+    vq = (presence * fidelity * _soft_below(vm.color_flicker, FLICKER_RGB_TOL, SMOOTH_POWER)
+          * _soft_below(vm.area_flicker, FLICKER_AREA_TOL, SMOOTH_POWER))
+    mq = 0.5 * (presence * _soft_below(vm.jerk, JERK_TOL, SMOOTH_POWER) + scores["speed"])
+    ta = np.mean(np.stack([scores[d] for d in ("color", "shape", "background", "size", "direction")]), axis=0)
+    return {"VQ": vq, "MQ": mq, "TA": ta}
+
+
+def score_clips_videoreward(clips: np.ndarray | "torch.Tensor", captions: Sequence[str | VideoScene]
+                            ) -> dict[str, np.ndarray]:
+    """:func:`score_clips`' seven dimensions and 'overall' plus VideoReward's VQ, MQ, TA
+    (:func:`videoreward_scores`), each float64 [N] in [0, 1]."""
+    if len(clips) != len(captions):
+        raise ValueError(f"got {len(clips)} clips but {len(captions)} captions")
+    vm = measure_clips(clips)
+    scores = compare_clips(vm, captions)
+    return {**scores, **videoreward_scores(vm, scores)}
