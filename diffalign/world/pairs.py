@@ -109,6 +109,17 @@ def _write_table(rows: dict[str, list], out_path: str | Path) -> Path:
     return out_path
 
 
+def _sample_k(pipe, captions: list[str], k: int, seed: int, steps: int, guidance_scale: float,
+              show_progress: bool) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """k samples per caption (caption-major; sample i seeded ``seed * 1_000_003 + i``) and their oracle scores."""
+    from diffalign.world.oracle import score
+
+    all_caps = [c for c in captions for _ in range(k)]
+    seeds = [seed * 1_000_003 + i for i in range(len(all_caps))]
+    images = generate(pipe, all_caps, seeds, steps=steps, guidance_scale=guidance_scale, show_progress=show_progress)
+    return all_caps, images, score(images, all_caps)
+
+
 def make_pairs(pipe, captions: list[str], out_path: str | Path, *, k: int = 8, seed: int = 0, steps: int = 20,
                guidance_scale: float = 3.0, min_gap: float = 0.0, show_progress: bool = True,
                pairing: str = "best-worst") -> dict:
@@ -119,12 +130,7 @@ def make_pairs(pipe, captions: list[str], out_path: str | Path, *, k: int = 8, s
     training) or "random" (one random within-caption pair). Pairs whose overall gap is below
     ``min_gap`` are left out (no real preference). Returns counts and mean scores.
     """
-    from diffalign.world.oracle import score
-
-    all_caps = [c for c in captions for _ in range(k)]
-    seeds = [seed * 1_000_003 + i for i in range(len(all_caps))]
-    images = generate(pipe, all_caps, seeds, steps=steps, guidance_scale=guidance_scale, show_progress=show_progress)
-    scores = score(images, all_caps)
+    all_caps, images, scores = _sample_k(pipe, captions, k, seed, steps, guidance_scale, show_progress)
     overall = scores["overall"].reshape(len(captions), k)
     rng = np.random.default_rng(seed)
     pairs = [(i, i * k + a, i * k + b) for i, a, b in _select_pairs(overall, pairing, min_gap, rng)]
@@ -142,12 +148,9 @@ def make_labelled(pipe, captions: list[str], out_path: str | Path, *, k: int = 6
     image, no pairs). Writes a parquet with ``image`` (PNG bytes), ``caption``, ``label``, ``score`` and
     the per-dimension oracle scores; the same seeds as :func:`make_pairs` with equal arguments.
     Returns counts and mean scores."""
-    from diffalign.world.oracle import DIMENSIONS, score
+    from diffalign.world.oracle import DIMENSIONS
 
-    all_caps = [c for c in captions for _ in range(k)]
-    seeds = [seed * 1_000_003 + i for i in range(len(all_caps))]
-    images = generate(pipe, all_caps, seeds, steps=steps, guidance_scale=guidance_scale, show_progress=show_progress)
-    scores = score(images, all_caps)
+    all_caps, images, scores = _sample_k(pipe, captions, k, seed, steps, guidance_scale, show_progress)
     desirable = scores["overall"] >= threshold
     rows = {"image": [png_bytes(im) for im in images], "caption": all_caps,
             "label": ["desirable" if d else "undesirable" for d in desirable],
