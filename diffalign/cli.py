@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the shipped recipes")
 
     p = sub.add_parser("demo", help="alignment on the embedded world, end to end: pairs, cache, DPO, held-out oracle eval")
-    p.add_argument("--family", choices=("unet", "flow"), default="flow",
+    p.add_argument("--family", choices=("unet", "flow", "video"), default="flow",
                    help="flow (default; ~5x faster): Flow-DPO on the bundled flow transformer; unet: Diffusion-DPO on "
-                        "the bundled eps UNet")
+                        "the bundled eps UNet; video: Flow-DPO on the bundled Wan-style video transformer (video world)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo-<family>)")
     p.add_argument("--quick", action="store_true", help="a few prompts and steps: checks the path, not the effect")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the world-<family>-dpo recipe")
@@ -59,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
                        help=f"default: {f.default}")
     p.add_argument("--out", required=True, help="folder for the diffusers pipeline")
-    p = wsub.add_parser("pairs", help="oracle-best vs oracle-worst pairs from a generator, Pick-a-Pic parquet")
-    p.add_argument("--model", default="world:unet", help="world:unet, world:flow or a pipeline folder")
-    p.add_argument("--out", required=True, help="parquet file to write")
+    p = wsub.add_parser("pairs", help="oracle-best vs oracle-worst pairs from a generator, Pick-a-Pic parquet "
+                                      "(video: GIF clips + .jsonl)")
+    p.add_argument("--model", default="world:unet", help="world:unet, world:flow, world:video or a pipeline folder")
+    p.add_argument("--out", required=True, help="file to write: .parquet for images; .jsonl for video (clips go to "
+                                                "<stem>-clips/ beside it)")
     p.add_argument("--prompts", type=int, default=384, help="number of training prompts")
     p.add_argument("--k", type=int, default=8, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -260,17 +262,42 @@ def cmd_demo(args) -> int:
     lines = ["", f"== diffalign demo ({r['objective']}, {r['family']}): held-out prompts, oracle scores ==",
              f"{'dimension':12s} {'base':>7s} {'aligned':>8s} {'gain':>7s}"]
     lines += [f"{name:12s} {b:7.3f} {a:8.3f} {a - b:+7.3f}" for name, b, a in rows]
+    if r.get("motion"):
+        m = r["motion"]
+        lines.append(f"{'motion':12s} {m['before']:7.3f} {m['after']:8.3f} {m['gain']:+7.3f}  (mean of "
+                     f"{', '.join(m['dimensions'])}; paired p = {m['p_value']:.2g})")
     lines.append(f"win rate {r['win_rate']:.3f} over {r['samples_heldout']} paired samples (same prompt and seed), "
                  f"paired permutation p = {r['p_value']:.2g}")
     if r["unseen_combinations"]:
         u = r["unseen_combinations"]
-        lines.append(f"unseen colour-shape combinations: win rate {u['win_rate']:.3f}, gain {u['gain']:+.3f}, "
+        lines.append(f"{r['unseen_what']}: win rate {u['win_rate']:.3f}, gain {u['gain']:+.3f}, "
                      f"p = {u['p_value']:.2g} (n={u['n']})")
     lines.append(f"pairs {r['pairs']['pairs']} from {r['prompts_train']} prompts, {r['steps']} DPO steps, "
                  f"{r['seconds']:.0f}s")
-    lines.append(f"outputs  {out}/report.json  {out}/samples.png (top: base, bottom: aligned)  {out}/reward_curve.png")
+    grid = ("samples.png (frame strips: each base clip above its aligned clip)  samples.gif" if r["family"] == "video"
+            else "samples.png (top: base, bottom: aligned)")
+    lines.append(f"outputs  {out}/report.json  {out}/{grid}  {out}/reward_curve.png")
     print("\n".join(lines))
     return 0
+
+
+def _world_family(model: str) -> str:
+    """The adapter family of a world generator (world:<kind> or a pipeline folder), from its pipeline class."""
+    from pathlib import Path
+
+    from diffalign.config import ConfigError
+    from diffalign.models import resolve_pretrained
+
+    index = Path(resolve_pretrained(model)) / "model_index.json"
+    if not index.is_file():
+        raise ConfigError(f"--model {model}: no model_index.json at {index}; give world:unet, world:flow, world:video "
+                          "or a folder written by `diffalign world pretrain`")
+    name = json.loads(index.read_text()).get("_class_name", "")
+    families = {"StableDiffusionPipeline": "sd15", "StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan"}
+    if name not in families:
+        raise ConfigError(f"--model {model}: a {name or 'unknown'} pipeline is not a world generator "
+                          f"(expected one of {', '.join(families)})")
+    return families[name]
 
 
 def cmd_world(args) -> int:
@@ -287,14 +314,18 @@ def cmd_world(args) -> int:
         return 0
     from diffalign.config import ModelConfig
     from diffalign.models import load_pipeline
-    from diffalign.world.pairs import make_pairs
+    from diffalign.world.pairs import make_pairs, world_kind
     from diffalign.world.scenes import prompt_splits
 
     import numpy as np
 
-    family = "sd3" if args.model.endswith("flow") else "sd15"
-    pipe = load_pipeline(ModelConfig(family=family, pretrained=args.model))
-    train_scenes, _ = prompt_splits(0)
+    pipe = load_pipeline(ModelConfig(family=_world_family(args.model), pretrained=args.model))
+    if world_kind(pipe) == "video":
+        from diffalign.world.video import video_prompt_splits
+
+        train_scenes, _ = video_prompt_splits(0)
+    else:
+        train_scenes, _ = prompt_splits(0)
     order = np.random.default_rng(args.seed).permutation(len(train_scenes))[:args.prompts]
     if args.world_verb == "labels":
         from diffalign.world.pairs import make_labelled

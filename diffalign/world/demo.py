@@ -1,28 +1,65 @@
 """`diffalign demo`: alignment on the embedded default, end to end, with numbers that can be checked.
 
 1. sample the bundled generator K times per training prompt; oracle-best vs oracle-worst pairs;
-2. cache latents; 3. train a LoRA with Diffusion-DPO (unet) or Flow-DPO (flow) through the normal loop;
+2. cache latents; 3. train a LoRA with Diffusion-DPO (unet) or Flow-DPO (flow, video) through the normal loop;
 4. sample base (adapters disabled) and aligned (enabled) on held-out prompts with the SAME seeds and score
    both with the oracle: mean scores, per-dimension gains, paired win rate and a paired sign-flip
-   permutation test, also on held-out prompts whose (colour, shape) combination never appears in training.
-Writes report.json, samples.png (base row above aligned row, same seeds) and reward_curve.png.
+   permutation test, also on held-out prompts whose attribute combination never appears in training
+   (a (colour, shape) pair; for video also a (shape, direction) pair).
+Writes report.json, samples.png (base row above aligned row, same seeds) and reward_curve.png; for video,
+samples.png holds frame strips (each base clip above its aligned clip) and samples.gif plays them.
+
+The three families differ only in their :class:`WorldSpec` (prompt split, oracle, recipe); the pairs,
+the cache, the loop and the evaluation are one code path.
 """
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 BUNDLED = Path(__file__).parent / "bundled"
-RECIPES = {"unet": "world-unet-dpo", "flow": "world-flow-dpo"}
+RECIPES = {"unet": "world-unet-dpo", "flow": "world-flow-dpo", "video": "world-video-dpo"}
 FULL = {"train_prompts": 192, "k": 6, "heldout_seeds": 2, "sample_steps": 15}
-# per-family settings measured in BENCHMARKS.md: the continued UNet gained most from twice the pairs
-FULL_BY_FAMILY = {"unet": {"train_prompts": 384}, "flow": {}}
+# per-family settings measured in BENCHMARKS.md: the continued UNet gained most from twice the pairs;
+# the video world's held-out split is large (432 scenes), so the demo evaluates a fixed random 160 of them
+FULL_BY_FAMILY = {"unet": {"train_prompts": 384}, "flow": {}, "video": {"heldout_prompts": 160}}
 QUICK = {"train_prompts": 12, "k": 4, "heldout_seeds": 1, "max_steps": 4, "heldout_prompts": 8, "sample_steps": 6,
          "batch_size": 4}
+# the video oracle's motion dimensions; the report also tests their mean ("motion") on its own
+MOTION_DIMENSIONS: tuple[str, ...] = ("direction", "speed", "smoothness")
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """What the demo needs to know about one world: its prompt split, which held-out scenes are unseen
+    combinations, and its oracle (``score(samples, captions) -> {dimension: [N], 'overall'}``)."""
+
+    splits: Callable[[], tuple[list, list]]
+    unseen: Callable[[object], bool]
+    score: Callable
+    dimensions: tuple[str, ...]
+    unseen_what: str
+
+
+def world_spec(kind: str) -> WorldSpec:
+    from diffalign.world.pairs import world_oracle
+    from diffalign.world.scenes import UNSEEN_COMBOS, prompt_splits
+
+    score, dims = world_oracle(kind)
+    if kind == "video":
+        from diffalign.world.video import UNSEEN_MOTIONS, video_prompt_splits
+
+        return WorldSpec(lambda: video_prompt_splits(0),
+                         lambda s: (s.color, s.shape) in UNSEEN_COMBOS or (s.shape, s.direction) in UNSEEN_MOTIONS,
+                         score, dims, "unseen colour-shape or shape-direction combinations")
+    return WorldSpec(lambda: prompt_splits(0), lambda s: (s.color, s.shape) in UNSEEN_COMBOS, score, dims,
+                     "unseen colour-shape combinations")
 
 
 def bundled_generator(kind: str) -> Path:
@@ -49,31 +86,73 @@ def win_rate(after: np.ndarray, before: np.ndarray) -> float:
     return float(np.mean((after > before) + 0.5 * (after == before)))
 
 
-def compare(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict:
+def compare(before: dict[str, np.ndarray], after: dict[str, np.ndarray], dimensions: tuple[str, ...] | None = None
+            ) -> dict:
+    """Paired comparison of oracle scores of the same (prompt, seed) samples before and after alignment.
+
+    ``before``/``after``: {dimension: [N], 'overall': [N]}; ``dimensions`` default to the image oracle's.
+    Every dimension gets its mean before/after, gain and paired permutation p-value. When the scores have
+    the video oracle's motion dimensions, ``motion`` (their mean per sample) is compared the same way.
+    """
     from diffalign.world.oracle import DIMENSIONS
 
+    dimensions = DIMENSIONS if dimensions is None else dimensions
     diff = after["overall"] - before["overall"]
-    return {
+
+    def one(b: np.ndarray, a: np.ndarray) -> dict:
+        return {"before": float(b.mean()), "after": float(a.mean()), "gain": float((a - b).mean()),
+                "p_value": paired_permutation_p(a - b)}
+
+    out = {
         "n": int(len(diff)),
         "oracle_before": float(before["overall"].mean()), "oracle_after": float(after["overall"].mean()),
         "gain": float(diff.mean()), "win_rate": win_rate(after["overall"], before["overall"]),
         "p_value": paired_permutation_p(diff),
-        "per_dimension": {d: {"before": float(before[d].mean()), "after": float(after[d].mean()),
-                              "gain": float((after[d] - before[d]).mean())} for d in DIMENSIONS},
+        "per_dimension": {d: one(before[d], after[d]) for d in dimensions},
     }
+    if all(d in dimensions for d in MOTION_DIMENSIONS):
+        b, a = (np.mean([s[d] for d in MOTION_DIMENSIONS], axis=0) for s in (before, after))
+        out["motion"] = {**one(b, a), "win_rate": win_rate(a, b), "dimensions": list(MOTION_DIMENSIONS)}
+    return out
+
+
+def _tile(rows: np.ndarray, group: int = 2) -> np.ndarray:
+    """[R, C, H, W, 3] uint8 tiles -> one image: 1 white px between tiles, 1 more after every ``group`` rows."""
+    r, c, h, w = rows.shape[:4]
+    grid = np.full((r * (h + 1) + (r - 1) // group, c * (w + 1), 3), 255, dtype=np.uint8)
+    for i in range(r):
+        y = i * (h + 1) + i // group
+        for j in range(c):
+            grid[y:y + h, j * (w + 1):j * (w + 1) + w] = rows[i, j]
+    return grid
+
+
+def _upscale(image: np.ndarray, scale: int) -> np.ndarray:
+    return np.repeat(np.repeat(image, scale, axis=-3), scale, axis=-2)  # nearest neighbour: pixels stay pixels
 
 
 def save_grid(base: np.ndarray, aligned: np.ndarray, path: Path, columns: int = 12, scale: int = 3) -> None:
-    """Two rows per block: base samples above aligned samples with the same seeds."""
+    """Base samples above aligned samples with the same seeds.
+
+    Images [N, H, W, 3]: two rows of the first ``columns`` samples. Clips [N, F, H, W, 3]: frame strips
+    (frames left to right), each of the first ``columns // 2`` base clips above its aligned clip; and
+    beside it ``path`` with suffix ``.gif`` plays the first ``columns`` clips as the image grid does.
+    """
     from PIL import Image
 
+    if base.ndim == 5:
+        from diffalign.rewards.media import write_video
+        from diffalign.world.generators import VIDEO_GEN_FPS
+
+        n = min(max(1, columns // 2), len(base))
+        strips = np.stack([clip for i in range(n) for clip in (base[i], aligned[i])])       # [2n, F, H, W, 3]
+        Image.fromarray(_upscale(_tile(strips), scale)).save(path)
+        c = min(columns, len(base))
+        frames = [_upscale(_tile(np.stack([base[:c, f], aligned[:c, f]])), scale) for f in range(base.shape[1])]
+        write_video(path.with_suffix(".gif"), np.stack(frames), VIDEO_GEN_FPS)
+        return
     n = min(columns, len(base))
-    h, w = base.shape[1:3]
-    grid = np.full((2 * h + 2, n * (w + 1), 3), 255, dtype=np.uint8)
-    for i in range(n):
-        grid[:h, i * (w + 1):i * (w + 1) + w] = base[i]
-        grid[h + 2:, i * (w + 1):i * (w + 1) + w] = aligned[i]
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+    Image.fromarray(_upscale(_tile(np.stack([base[:n], aligned[:n]])), scale)).save(path)
 
 
 def save_curve(curve: list[tuple[int, float]], baseline: float, path: Path, title: str) -> None:
@@ -102,15 +181,17 @@ def run_demo(kind: str = "unet", out_dir: str | Path = "runs/demo", *, quick: bo
     from diffalign.data.cache import build_cache
     from diffalign.models import load_adapter
     from diffalign.train.loop import Trainer, adapters_disabled
-    from diffalign.world.oracle import score
     from diffalign.world.pairs import generate, make_pairs
-    from diffalign.world.scenes import UNSEEN_COMBOS, prompt_splits
 
+    if kind not in RECIPES:
+        raise ValueError(f"unknown demo family {kind!r}: use one of {tuple(RECIPES)}")
+    spec = world_spec(kind)
+    score = spec.score
     plan = {**FULL, **FULL_BY_FAMILY[kind], **(QUICK if quick else {})}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    train_scenes, heldout_scenes = prompt_splits(0)
+    train_scenes, heldout_scenes = spec.splits()
     rng = np.random.default_rng(seed)
     train_prompts = [train_scenes[i].caption() for i in rng.permutation(len(train_scenes))[:plan["train_prompts"]]]
     heldout = list(heldout_scenes)
@@ -119,19 +200,20 @@ def run_demo(kind: str = "unet", out_dir: str | Path = "runs/demo", *, quick: bo
 
     extra = ([f"train.max_steps={plan['max_steps']}", f"train.batch_size={plan['batch_size']}"] if quick else []) \
         + list(overrides)
-    cfg = load_config(RECIPES[kind], [f"data.path={out / 'pairs.parquet'}", f"cache.dir={out / 'cache'}",
+    pairs_path = out / ("pairs.jsonl" if kind == "video" else "pairs.parquet")  # video pairs are clip files
+    cfg = load_config(RECIPES[kind], [f"data.path={pairs_path}", f"cache.dir={out / 'cache'}",
                                       f"train.output_dir={out / 'train'}", "train.resume=none", *extra])
     trainer = Trainer(cfg, show_progress=show_progress)
     adapter = load_adapter(cfg.model)
     pipe = adapter.pipe
     sample_kw = dict(steps=plan.get("sample_steps", 20), guidance_scale=plan.get("guidance", 3.0))
-    pair_stats = make_pairs(pipe, train_prompts, out / "pairs.parquet", k=plan["k"], seed=seed, show_progress=show_progress,
+    pair_stats = make_pairs(pipe, train_prompts, pairs_path, k=plan["k"], seed=seed, show_progress=show_progress,
                             pairing=plan.get("pairing", "best-worst"), min_gap=plan.get("min_gap", 0.0), **sample_kw)
     build_cache(cfg, adapter, show_progress=show_progress)
 
     heldout_caps = [s.caption() for s in heldout for _ in range(plan["heldout_seeds"])]
     heldout_seeds = [10_000 + i for i in range(len(heldout_caps))]
-    unseen = np.array([(s.color, s.shape) in UNSEEN_COMBOS for s in heldout for _ in range(plan["heldout_seeds"])])
+    unseen = np.array([spec.unseen(s) for s in heldout for _ in range(plan["heldout_seeds"])])
     base_images = generate(pipe, heldout_caps, heldout_seeds, show_progress=show_progress, **sample_kw)
     before = score(base_images, heldout_caps)
     del adapter, pipe
@@ -154,23 +236,27 @@ def run_demo(kind: str = "unet", out_dir: str | Path = "runs/demo", *, quick: bo
         base_check = generate(aligned_pipe, heldout_caps[:4], heldout_seeds[:4], **sample_kw)
     after = score(aligned_images, heldout_caps)
 
-    overall = compare(before, after)
-    unseen_stats = compare({k: v[unseen] for k, v in before.items()}, {k: v[unseen] for k, v in after.items()}) \
-        if unseen.any() else None
+    overall = compare(before, after, spec.dimensions)
+    unseen_stats = compare({k: v[unseen] for k, v in before.items()}, {k: v[unseen] for k, v in after.items()},
+                           spec.dimensions) if unseen.any() else None
     save_grid(base_images, aligned_images, out / "samples.png")
     save_curve(curve, float(before["overall"][curve_idx].mean()), out / "reward_curve.png",
                f"{cfg.objective.name.upper()} on the world ({kind})")
     report = {
         "objective": "diffusion-dpo" if kind == "unet" else "flow-dpo", "family": kind, "model": cfg.model.pretrained,
+        "model_family": cfg.model.family,
         "steps": result.steps, "beta": cfg.objective.beta, "lr": cfg.optim.lr, "lora_rank": cfg.lora.rank,
         "prompts_train": len(train_prompts), "prompts_heldout": len(heldout), "samples_heldout": len(heldout_caps),
         "pairs": pair_stats, "oracle_before": overall["oracle_before"], "oracle_after": overall["oracle_after"],
         "gain": overall["gain"], "win_rate": overall["win_rate"], "p_value": overall["p_value"],
-        "per_dimension": overall["per_dimension"], "unseen_combinations": unseen_stats,
+        "per_dimension": overall["per_dimension"], "motion": overall.get("motion"),
+        "unseen_combinations": unseen_stats, "unseen_what": spec.unseen_what,
         "base_reproduced_with_adapters_disabled": bool(np.array_equal(base_check, base_images[:4])),
         "reward_curve": curve, "final_train_metrics": result.final_metrics,
         "seconds": time.time() - start, "outputs": {"grid": str(out / "samples.png"), "curve": str(out / "reward_curve.png"),
                                                     "lora": str(result.export_path)},
     }
+    if kind == "video":
+        report["outputs"]["animation"] = str(out / "samples.gif")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report

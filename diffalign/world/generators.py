@@ -30,6 +30,10 @@ TEXT_HIDDEN = 64
 # Wan's causal VAE encodes one frame then chunks of 4, so clips need 4k + 1 frames (8 would lose 3).
 VIDEO_GEN_FRAMES = 9
 VIDEO_TEXT_LEN = 16  # tokens: the longest video caption is 11 words + start + end
+# The generator's clips are written and read at this rate. The world's motion is defined per clip (not per
+# second), so the rate is a label; 10 fps is a whole number of GIF delay units (1/100 s), so GIF files
+# round-trip every frame exactly.
+VIDEO_GEN_FPS = 10.0
 
 
 def world_words() -> list[str]:

@@ -10,10 +10,17 @@ under-samples (the two images of such a pair mostly differ on whichever dimensio
 ``make_pairs(..., pairing="all")`` keeps every within-prompt pair instead, and :func:`render_pairs` /
 :func:`make_render_pairs` build pairs from renders of the prompt's scene with randomly changed
 attributes (every dimension varies, independently). Both write the same columns.
+
+The video world's generator (a WanPipeline, ``world:video``) goes through the same functions: its
+samples are clips uint8 [F, H, W, 3] scored by :mod:`diffalign.world.video_oracle`, and since the data
+path reads videos from files, :func:`make_pairs` then writes each paired clip as a GIF beside a
+``.jsonl`` table of relative paths (GIF at ``VIDEO_GEN_FPS`` = 10 is lossless here: a 16x16 frame has
+at most 256 colours and 10 fps is a whole number of 1/100 s delays).
 """
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +28,53 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-WORLD_SAMPLE_KW = {"sd15": {}, "sd3": {"max_sequence_length": 1}}
+def world_kind(pipe) -> str:
+    """'unet', 'flow' or 'video': which world generator ``pipe`` is, from its pipeline class."""
+    name = type(pipe).__name__
+    if name.startswith("Wan"):
+        return "video"
+    return "flow" if name.startswith("StableDiffusion3") else "unet"
+
+
+def _sample_kwargs(kind: str) -> dict:
+    """Extra pipeline arguments a world generator must be sampled with (what it was trained with)."""
+    if kind == "video":
+        from diffalign.world.generators import VIDEO_GEN_FRAMES, VIDEO_TEXT_LEN
+        from diffalign.world.video import VIDEO_SIZE
+
+        return {"num_frames": VIDEO_GEN_FRAMES, "height": VIDEO_SIZE, "width": VIDEO_SIZE,
+                "max_sequence_length": VIDEO_TEXT_LEN}
+    return {"max_sequence_length": 1} if kind == "flow" else {}
+
+
+def world_oracle(kind: str):
+    """(score function, its dimensions) of the oracle that judges ``kind``'s samples."""
+    if kind == "video":
+        from diffalign.world.video_oracle import VIDEO_DIMENSIONS, score_clips
+
+        return score_clips, VIDEO_DIMENSIONS
+    from diffalign.world.oracle import DIMENSIONS, score
+
+    return score, DIMENSIONS
 
 
 @torch.no_grad()
 def generate(pipe, captions: list[str], seeds: list[int], *, steps: int = 20, guidance_scale: float = 3.0,
              batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
-    """Sample ``pipe`` once per (caption, seed); uint8 [N, H, W, 3]. Sample i depends only on its own seed."""
-    family = "sd3" if type(pipe).__name__.startswith("StableDiffusion3") else "sd15"
+    """Sample ``pipe`` once per (caption, seed); sample i depends only on its own seed.
+
+    Returns uint8 images [N, H, W, 3], or clips [N, F, H, W, 3] for the video world's WanPipeline.
+    """
+    kind = world_kind(pipe)
     pipe.set_progress_bar_config(disable=True)  # one bar over batches here, not one per batch from diffusers
     out = []
     for start in tqdm(range(0, len(captions), batch_size), desc="sampling", disable=not show_progress):
         caps = captions[start:start + batch_size]
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + batch_size]]
-        images = pipe(prompt=caps, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                      output_type="np", **WORLD_SAMPLE_KW[family]).images
-        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+        result = pipe(prompt=caps, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
+                      output_type="np", **_sample_kwargs(kind))
+        media = result.frames if kind == "video" else result.images
+        out.append((np.clip(media, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
 
 
@@ -75,23 +113,23 @@ def _select_pairs(overall: np.ndarray, pairing: str, min_gap: float, rng: np.ran
     return out
 
 
-def _pair_table(images: np.ndarray, scores: dict[str, np.ndarray], captions: list[str],
+def _pair_table(media, scores: dict[str, np.ndarray], captions: list[str],
                 pairs: list[tuple[int, int, int]]) -> dict[str, list]:
-    """Pick-a-Pic columns (+ per-dimension oracle scores ``{dim}_0``/``{dim}_1``) for flat image indices.
+    """Pick-a-Pic columns (+ per-dimension oracle scores ``{dim}_0``/``{dim}_1``) for flat sample indices.
 
+    ``media(flat)`` gives what goes in ``jpg_*`` for a sample (PNG bytes, or a video file's path);
     ``pairs`` holds (caption index, flat index of slot 0, flat index of slot 1); label_0 is 1 when slot 0
     has the higher overall score, 0 when slot 1 has, 0.5 on an exact tie.
     """
-    from diffalign.world.oracle import DIMENSIONS
-
+    dims = [d for d in scores if d != "overall"]
     rows: dict[str, list] = {"jpg_0": [], "jpg_1": [], "label_0": [], "caption": [], "score_0": [], "score_1": []}
-    for d in DIMENSIONS:
+    for d in dims:
         rows[f"{d}_0"], rows[f"{d}_1"] = [], []
     for i, f0, f1 in pairs:
         for slot, flat in enumerate((f0, f1)):
-            rows[f"jpg_{slot}"].append(png_bytes(images[flat]))
+            rows[f"jpg_{slot}"].append(media(flat))
             rows[f"score_{slot}"].append(float(scores["overall"][flat]))
-            for d in DIMENSIONS:
+            for d in dims:
                 rows[f"{d}_{slot}"].append(float(scores[d][flat]))
         s0, s1 = float(scores["overall"][f0]), float(scores["overall"][f1])
         rows["label_0"].append(1.0 if s0 > s1 else 0.0 if s0 < s1 else 0.5)
@@ -100,41 +138,71 @@ def _pair_table(images: np.ndarray, scores: dict[str, np.ndarray], captions: lis
 
 
 def _write_table(rows: dict[str, list], out_path: str | Path) -> Path:
+    """A .parquet, or a .jsonl (one JSON object per row; bytes columns are not allowed there)."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path.suffix == ".jsonl":
+        names = list(rows)
+        with open(out_path, "w") as fh:
+            for values in zip(*(rows[n] for n in names)):
+                fh.write(json.dumps(dict(zip(names, values))) + "\n")
+        return out_path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), out_path)
     return out_path
+
+
+def _media_writer(samples: np.ndarray, kind: str, out_path: Path):
+    """flat index -> the ``jpg_*`` value of that sample: PNG bytes for images; for clips, a GIF written
+    to ``<out_path stem>-clips/`` and its path relative to the table (the data path reads video files)."""
+    if kind != "video":
+        return lambda flat: png_bytes(samples[flat])
+    from diffalign.rewards.media import write_video
+    from diffalign.world.generators import VIDEO_GEN_FPS
+
+    if out_path.suffix != ".jsonl":
+        raise ValueError(f"{out_path}: video pairs are written as a .jsonl table of clip files (the data path reads "
+                         f"videos from files, not from parquet bytes); give an out path ending in .jsonl")
+    folder = out_path.with_name(out_path.stem + "-clips")
+
+    def write(flat: int) -> str:
+        path = write_video(folder / f"{flat:06d}.gif", samples[flat], VIDEO_GEN_FPS)
+        return str(path.relative_to(out_path.parent))
+
+    return write
 
 
 def _sample_k(pipe, captions: list[str], k: int, seed: int, steps: int, guidance_scale: float,
               show_progress: bool) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
     """k samples per caption (caption-major; sample i seeded ``seed * 1_000_003 + i``) and their oracle scores."""
-    from diffalign.world.oracle import score
-
     all_caps = [c for c in captions for _ in range(k)]
     seeds = [seed * 1_000_003 + i for i in range(len(all_caps))]
-    images = generate(pipe, all_caps, seeds, steps=steps, guidance_scale=guidance_scale, show_progress=show_progress)
-    return all_caps, images, score(images, all_caps)
+    samples = generate(pipe, all_caps, seeds, steps=steps, guidance_scale=guidance_scale, show_progress=show_progress)
+    score, _ = world_oracle(world_kind(pipe))
+    return all_caps, samples, score(samples, all_caps)
 
 
 def make_pairs(pipe, captions: list[str], out_path: str | Path, *, k: int = 8, seed: int = 0, steps: int = 20,
                guidance_scale: float = 3.0, min_gap: float = 0.0, show_progress: bool = True,
                pairing: str = "best-worst") -> dict:
-    """Sample k images per caption, pair them, write a Pick-a-Pic parquet with per-dimension oracle scores.
+    """Sample k images (or clips) per caption, pair them, write a Pick-a-Pic table with per-dimension oracle scores.
 
     ``pairing``: "best-worst" (default; oracle-best vs oracle-worst by overall, one pair per caption),
     "all" (every one of the k(k-1)/2 within-caption pairs: per-dimension preferences for reward-model
     training) or "random" (one random within-caption pair). Pairs whose overall gap is below
-    ``min_gap`` are left out (no real preference). Returns counts and mean scores.
+    ``min_gap`` are left out (no real preference). Images go into a parquet as PNG bytes; clips of the
+    video generator into GIF files beside a ``.jsonl`` ``out_path``. Returns counts and mean scores.
     """
-    all_caps, images, scores = _sample_k(pipe, captions, k, seed, steps, guidance_scale, show_progress)
+    out_path = Path(out_path)
+    if world_kind(pipe) == "video" and out_path.suffix != ".jsonl":  # fail before sampling, not after
+        _media_writer(np.zeros(0), "video", out_path)
+    all_caps, samples, scores = _sample_k(pipe, captions, k, seed, steps, guidance_scale, show_progress)
     overall = scores["overall"].reshape(len(captions), k)
     rng = np.random.default_rng(seed)
     pairs = [(i, i * k + a, i * k + b) for i, a, b in _select_pairs(overall, pairing, min_gap, rng)]
-    _write_table(_pair_table(images, scores, captions, pairs), out_path)
+    _write_table(_pair_table(_media_writer(samples, world_kind(pipe), out_path), scores, captions, pairs), out_path)
     return {"prompts": len(captions), "pairs": len(pairs), "samples_per_prompt": k, "pairing": pairing,
             "mean_overall": float(scores["overall"].mean()),
             "mean_best": float(overall.max(1).mean()), "mean_worst": float(overall.min(1).mean())}
@@ -150,6 +218,9 @@ def make_labelled(pipe, captions: list[str], out_path: str | Path, *, k: int = 6
     Returns counts and mean scores."""
     from diffalign.world.oracle import DIMENSIONS
 
+    if world_kind(pipe) == "video":
+        raise ValueError("make_labelled writes images; unpaired labels for the video world are not built yet "
+                         "(use make_pairs for video preference pairs)")
     all_caps, images, scores = _sample_k(pipe, captions, k, seed, steps, guidance_scale, show_progress)
     desirable = scores["overall"] >= threshold
     rows = {"image": [png_bytes(im) for im in images], "caption": all_caps,
