@@ -215,7 +215,7 @@ def _continuation_note(record: dict) -> str:
     stages, prev = [], record.get("continued_from")
     while prev is not None:
         c = prev["config"]
-        stages.append(f"{c['steps']} steps at lr {c['lr']} ({c.get('lr_schedule', 'constant')}), VAE {c['vae_steps']} steps")
+        stages.append(f"`{_command(c)}` ({c['steps']} denoiser steps, VAE {c['vae_steps']} steps)")
         prev = prev.get("continued_from")
     if not stages:
         return ""
@@ -223,11 +223,17 @@ def _continuation_note(record: dict) -> str:
             + "; ".join(reversed(stages)) + f". Denoiser steps in total: {record['total_denoiser_steps']}.")
 
 
+def _command(cfg: dict) -> str:
+    """The `diffalign world pretrain` command line of a recorded config (flags that differ from the defaults)."""
+    defaults = asdict(PretrainConfig())
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items()
+                     if k not in ("device", "kind") and v != defaults.get(k))
+    return f"diffalign world pretrain --kind {cfg['kind']} {flags} --out <folder>"
+
+
 def write_model_card(out_dir: str | Path, record: dict) -> None:
     """README.md beside the weights: what the model is and the exact command that reproduces it."""
     cfg = record["config"]
-    defaults = asdict(PretrainConfig())
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k != "device" and v != defaults[k])
     if cfg["kind"] == "video":
         what = ("A tiny text-to-video WanPipeline for diffalign's embedded video world (16x16 RGB clips of 9 frames,\n"
                 "diffalign.world.video): a WanTransformer3DModel trained with rectified flow (velocity target), a small\n"
@@ -242,9 +248,9 @@ def write_model_card(out_dir: str | Path, record: dict) -> None:
         what = (f"A tiny text-to-image diffusers pipeline for diffalign's embedded procedural world (32x32 RGB scenes):\n"
                 f"{denoiser}, a small AutoencoderKL (f=2, 4 latent channels) and a CLIP BPE tokenizer whose merges spell\n"
                 f"every world word as one token, with a tiny CLIP text encoder trained jointly.")
-    if cfg["kind"] == "video":  # WanPipeline normalises per channel; no bundled world:video generator
+    if cfg["kind"] == "video":  # WanPipeline normalises per channel
         latent_note = "latents normalised per channel (latents_mean / latents_std in the VAE config)"
-        load_note = "`model.family=wan model.pretrained=<folder>` in diffalign"
+        load_note = "`model.family=wan model.pretrained=world:video` in diffalign (the bundled copy; or the folder)"
     else:
         latent_note = f"scaling factor {record['vae']['scaling_factor']:.4f} = 1/std of the latents"
         load_note = f"`model.pretrained=world:{cfg['kind']}` in diffalign"
@@ -257,7 +263,7 @@ scene's caption, so preference alignment has room to show.
 
 ## How it was made
 
-    diffalign world pretrain --kind {cfg['kind']} {flags} --out <folder>
+    {_command(cfg)}
 
 - VAE: {_vae_steps(record)} steps (reconstruction MSE {record['vae']['vae_mse']:.4f}); {latent_note}.
 - Denoiser + text encoder(s): {cfg['steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']}, prompt dropout {cfg['prompt_dropout']},
