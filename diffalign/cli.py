@@ -281,25 +281,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _world_family(model: str) -> str:
-    """The adapter family of a world generator (world:<kind> or a pipeline folder), from its pipeline class."""
-    from pathlib import Path
-
-    from diffalign.config import ConfigError
-    from diffalign.models import resolve_pretrained
-
-    index = Path(resolve_pretrained(model)) / "model_index.json"
-    if not index.is_file():
-        raise ConfigError(f"--model {model}: no model_index.json at {index}; give world:unet, world:flow, world:video "
-                          "or a folder written by `diffalign world pretrain`")
-    name = json.loads(index.read_text()).get("_class_name", "")
-    families = {"StableDiffusionPipeline": "sd15", "StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan"}
-    if name not in families:
-        raise ConfigError(f"--model {model}: a {name or 'unknown'} pipeline is not a world generator "
-                          f"(expected one of {', '.join(families)})")
-    return families[name]
-
-
 def cmd_world(args) -> int:
     _quiet_libraries()
     if args.world_verb == "pretrain":
@@ -314,12 +295,12 @@ def cmd_world(args) -> int:
         return 0
     from diffalign.config import ModelConfig
     from diffalign.models import load_pipeline
-    from diffalign.world.pairs import make_pairs, world_kind
+    from diffalign.world.pairs import generator_family, make_pairs, world_kind
     from diffalign.world.scenes import prompt_splits
 
     import numpy as np
 
-    pipe = load_pipeline(ModelConfig(family=_world_family(args.model), pretrained=args.model))
+    pipe = load_pipeline(ModelConfig(family=generator_family(args.model), pretrained=args.model))
     if world_kind(pipe) == "video":
         from diffalign.world.video import video_prompt_splits
 

@@ -32,7 +32,10 @@ Sources (``data.path`` / ``data.val_path`` of the train-reward config; a list co
   the VIDEO world's split (``video_prompt_splits``: 720 train / 432 held-out captions).
 * ``world:samples?model=world:flow&split=train&prompts=192&k=4&seed=0&steps=15`` samples a world
   generator and keeps every within-prompt pair (``make_pairs(pairing="all")``); the parquet is cached
-  under ``$DIFFALIGN_HOME/world-pairs`` (sampling on a CPU takes minutes).
+  under ``$DIFFALIGN_HOME/world-pairs`` (sampling on a CPU takes minutes). ``model=world:video`` (or any
+  WanPipeline world folder; the family is read from its model_index.json) samples the VIDEO world's
+  generator on the video prompt split: clips labelled by the video oracle incl. VQ / MQ / TA, cached as
+  a folder of GIFs + ``pairs.jsonl`` (:func:`read_world_video_pairs`), held in memory with their fps.
 
 ``split`` picks the world's prompt split: ``train`` (510 captions) or ``heldout`` (210, including every
 scene of three colour-shape combinations never seen in training).
@@ -316,6 +319,44 @@ def read_world_pairs(path: str | Path, dimensions: Sequence[str], tie_margin: fl
     return _drop_unlabelled(pairs)
 
 
+def read_world_video_pairs(path: str | Path, dimensions: Sequence[str], tie_margin: float) -> LabelledPairs:
+    """A video world-pairs ``.jsonl`` (``make_pairs`` on the video generator: ``jpg_0``/``jpg_1`` are clip
+    files relative to the table, plus ``{dim}_0``/``{dim}_1`` oracle scores, VQ / MQ / TA included) as
+    in-memory clips [N, F, H, W, 3] at the files' frame rate. jpg_0 is A, jpg_1 is B."""
+    import json
+
+    from diffalign.rewards.media import load_video, to_uint8_frames
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such .jsonl file")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    need = ["jpg_0", "jpg_1", "caption"] + [f"{d}_{s}" for d in dimensions for s in (0, 1)]
+    for i, row in enumerate(rows):
+        missing = [c for c in need if c not in row]
+        if missing:
+            raise DataError(f"{path}: row {i}: missing key(s) {missing}; video world pairs carry jpg_0, jpg_1, caption "
+                            f"and the oracle scores <dim>_0, <dim>_1 (make_pairs on world:video writes them)")
+    clips, fps = {0: [], 1: []}, {0: [], 1: []}
+    for i, row in enumerate(rows):
+        for slot in (0, 1):
+            file = path.parent / row[f"jpg_{slot}"]
+            try:
+                frames, rate = load_video(file)
+            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad row, named
+                raise DataError(f"{path}: row {i}, column 'jpg_{slot}': cannot read {file} ({e})") from None
+            clips[slot].append(np.asarray(to_uint8_frames(frames)))
+            fps[slot].append(float(rate))
+    scores = {slot: {d: np.array([row[f"{d}_{slot}"] for row in rows], dtype=np.float64) for d in dimensions}
+              for slot in (0, 1)}
+    empty = np.zeros((0, 1, 1, 1, 3), np.uint8)
+    pairs = world_pairs_from_scores(np.stack(clips[0]) if rows else empty, np.stack(clips[1]) if rows else empty,
+                                    [str(r["caption"]) for r in rows], scores[0], scores[1], dimensions, tie_margin,
+                                    source=str(path), group=path.parent.name)
+    pairs.fps_a, pairs.fps_b = fps[0], fps[1]
+    return _drop_unlabelled(pairs)
+
+
 def _world_captions(split: str, prompts: int | None, seed: int) -> list[str]:
     from diffalign.world.scenes import prompt_splits
 
@@ -405,21 +446,27 @@ def world_sample_source(spec: str, dimensions: Sequence[str], tie_margin: float,
     model = opts.get("model", "world:flow")
     split, k, seed = opts.get("split", "train"), opts.get("k", 4), opts.get("seed", 0)
     steps, guidance = opts.get("steps", 15), opts.get("guidance", 3.0)
-    caps = _world_captions(split, opts.get("prompts"), seed)
+    from diffalign.world.pairs import generator_family
+
+    family = generator_family(model)
+    video = family == "wan"  # the video world's generator: clips, its own prompt split, GIF files + .jsonl
+    caps = (_video_world_captions if video else _world_captions)(split, opts.get("prompts"), seed)
     key = hashlib.sha256(repr((model, split, len(caps), caps[:3], k, seed, steps, guidance, 1)).encode()).hexdigest()[:16]
-    cache = diffalign_home() / "world-pairs" / f"{model.replace(':', '-').replace('/', '_')}-{split}-{key}.parquet"
+    stem = diffalign_home() / "world-pairs" / f"{model.replace(':', '-').replace('/', '_')}-{split}-{key}"
+    # video: a folder (pairs.jsonl + its clips), else one parquet; written under a temporary name and renamed,
+    # so an interrupted run re-samples instead of reading half a file
+    cache = stem / "pairs.jsonl" if video else stem.with_suffix(".parquet")
     if not cache.is_file():
         from diffalign.config import ModelConfig
         from diffalign.models import load_pipeline
         from diffalign.world.pairs import make_pairs
 
-        family = "sd3" if model.rstrip("/").endswith("flow") else "sd15"
         pipe = load_pipeline(ModelConfig(family=family, pretrained=model))
-        tmp = cache.with_suffix(".tmp.parquet")
+        tmp = stem.with_name(stem.name + ".tmp") / "pairs.jsonl" if video else cache.with_suffix(".tmp.parquet")
         make_pairs(pipe, caps, tmp, k=k, seed=seed, steps=steps, guidance_scale=guidance, pairing="all",
                    show_progress=show_progress)
-        tmp.replace(cache)  # complete files only: an interrupted run re-samples instead of reading half a file
-    pairs = read_world_pairs(cache, dimensions, tie_margin)
+        (tmp.parent if video else tmp).replace(stem if video else cache)
+    pairs = read_world_video_pairs(cache, dimensions, tie_margin) if video else read_world_pairs(cache, dimensions, tie_margin)
     pairs.source = f"{spec} (cached {cache})"
     pairs.groups = [f"samples-{model.split(':')[-1]}-{split}"] * len(pairs)
     return pairs

@@ -124,10 +124,44 @@ def test_quick_video_demo_writes_a_report_with_motion_and_an_animated_grid(video
 
 
 def test_world_family_is_read_from_the_pipeline_class(video_folder, tmp_path):
-    from diffalign.cli import _world_family
-    from diffalign.config import ConfigError
+    from diffalign.models import ModelLoadError
+    from diffalign.world.pairs import generator_family
 
-    assert _world_family(str(video_folder)) == "wan"
-    assert _world_family("world:flow") == "sd3" and _world_family("world:unet") == "sd15"
-    with pytest.raises(ConfigError, match="model_index.json"):
-        _world_family(str(tmp_path))
+    assert generator_family(str(video_folder)) == "wan"
+    assert generator_family("world:flow") == "sd3" and generator_family("world:unet") == "sd15"
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        generator_family(str(tmp_path))
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(ModelLoadError, match="not a world generator"):
+        generator_family(str(tmp_path))
+
+
+def test_world_samples_source_reads_video_generator_pairs_with_videoreward_labels(video_folder, tmp_path, monkeypatch):
+    """`world:samples?model=<a Wan world folder>` samples the video world, labels every within-prompt pair of
+    clips by VQ / MQ / TA, caches the GIFs + .jsonl, and a second call reads the cache (no resampling)."""
+    from diffalign.rewards.data import labels_from_scores, load_labelled_pairs
+    from diffalign.world.generators import VIDEO_GEN_FPS, VIDEO_GEN_FRAMES
+    from diffalign.world.pairs import generate
+    from diffalign.world.video_oracle import score_clips_videoreward
+
+    monkeypatch.setenv("DIFFALIGN_HOME", str(tmp_path))
+    spec = f"world:samples?model={video_folder}&prompts=2&k=3&steps=2&seed=0"
+    pairs = load_labelled_pairs(spec, ["VQ", "MQ", "TA"], tie_margin=0.0, show_progress=False)
+    cached = list((tmp_path / "world-pairs").glob("*/pairs.jsonl"))
+    assert len(cached) == 1 and not list((tmp_path / "world-pairs").glob("*.tmp"))
+    assert pairs.images_a.shape[1:] == (VIDEO_GEN_FRAMES, 16, 16, 3) and set(pairs.fps_a) == {VIDEO_GEN_FPS}
+    assert len(pairs) == 6  # 2 prompts x 3 within-prompt pairs, none tied at margin 0
+    # labels are the oracle's on the sampled clips: find each pair's two clips among the 6 samples
+    from diffalign.rewards.data import _video_world_captions
+
+    caps = [c for c in _video_world_captions("train", 2, 0) for _ in range(3)]
+    clips = generate(__import__("diffusers").WanPipeline.from_pretrained(video_folder), caps, list(range(6)), steps=2)
+    oracle = score_clips_videoreward(clips, caps)
+    which = lambda clip: [i for i in range(6) if np.array_equal(clips[i], clip)]  # noqa: E731
+    for j in range(len(pairs)):
+        (ia,), (ib,) = which(pairs.images_a[j]), which(pairs.images_b[j])
+        assert ia // 3 == ib // 3 and pairs.prompts[j] == caps[ia]
+        for d, dim in enumerate(("VQ", "MQ", "TA")):
+            assert pairs.labels[j, d] == labels_from_scores(oracle[dim][[ia]], oracle[dim][[ib]], 0.0)[0]
+    again = load_labelled_pairs(spec, ["VQ", "MQ", "TA"], tie_margin=0.0, show_progress=False)
+    assert torch.equal(again.labels, pairs.labels)

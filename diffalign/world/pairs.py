@@ -47,12 +47,32 @@ def _sample_kwargs(kind: str) -> dict:
     return {"max_sequence_length": 1} if kind == "flow" else {}
 
 
-def world_oracle(kind: str):
-    """(score function, its dimensions) of the oracle that judges ``kind``'s samples."""
-    if kind == "video":
-        from diffalign.world.video_oracle import VIDEO_DIMENSIONS, score_clips
+_PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan"}
 
-        return score_clips, VIDEO_DIMENSIONS
+
+def generator_family(model: str) -> str:
+    """The adapter family ('sd15', 'sd3' or 'wan') of a world generator given as ``world:<kind>`` or a
+    pipeline folder, read from its model_index.json (not guessed from the name)."""
+    from diffalign.models import ModelLoadError, resolve_pretrained
+
+    index = Path(resolve_pretrained(model)) / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{model}: no model_index.json at {index}; give world:unet, world:flow, world:video "
+                             "or a folder written by `diffalign world pretrain`")
+    name = json.loads(index.read_text()).get("_class_name", "")
+    if name not in _PIPELINE_FAMILIES:
+        raise ModelLoadError(f"{model}: a {name or 'unknown'} pipeline is not a world generator "
+                             f"(expected one of {', '.join(_PIPELINE_FAMILIES)})")
+    return _PIPELINE_FAMILIES[name]
+
+
+def world_oracle(kind: str):
+    """(score function, its dimensions) of the oracle that judges ``kind``'s samples. The video scores
+    also carry VideoReward's VQ / MQ / TA (``videoreward_scores``), so video pairs can train reward models."""
+    if kind == "video":
+        from diffalign.world.video_oracle import VIDEO_DIMENSIONS, score_clips_videoreward
+
+        return score_clips_videoreward, VIDEO_DIMENSIONS
     from diffalign.world.oracle import DIMENSIONS, score
 
     return score, DIMENSIONS
