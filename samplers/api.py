@@ -44,7 +44,7 @@ def _f(default: Any, help: str):
 class SampleConfig:
     """Every setting of a sampling run (also the sidecar's "config"); None means "the model's default"."""
 
-    model: str = _f("", "Diffusers pipeline folder, hub id, 'tiny:<family>' or 'world:unet' / 'world:flow'.")
+    model: str = _f("", "Diffusers pipeline folder, hub id, 'tiny:<family>' or 'world:unet' / 'world:flow' / 'world:video'.")
     prompts: list = _f([], "Prompts; each is sampled num_per_prompt times.")
     out: str | None = _f(None, "Output folder (PNG/MP4 per sample, grid.png, samples.json); None = return only.")
     family: str | None = _f(None, "sd15 | sdxl | sd3 | flux | wan; None = read from model_index.json / the spec.")
@@ -78,8 +78,8 @@ class SampleConfig:
     flow_shift: float | None = _f(None, "Flow time shift; None = the scheduler config's.")
     height: int | None = _f(None, "Height in pixels; None = the pipeline's default.")
     width: int | None = _f(None, "Width in pixels; None = the pipeline's default.")
-    num_frames: int | None = _f(None, "Video families: frames per sample.")
-    fps: float = _f(16.0, "Video frame rate written to MP4/GIF (and given to video rewards).")
+    num_frames: int | None = _f(None, "Video families: frames per sample; None for world:video = the 9 it was trained with.")
+    fps: float | None = _f(None, "Video frame rate written to MP4/GIF (and given to video rewards); None = 16 (Wan 2.1's), world:video 10.")
     video_format: str = _f("mp4", "Video file format: mp4 | gif.")
     batch_size: int = _f(4, "Samples per batch (results do not depend on it beyond float rounding).")
     device: str = _f("auto", "auto (cuda if available) | cpu | cuda[:i].")
@@ -140,7 +140,7 @@ class SampleResult:
 
 # ----------------------------------------------------------------------------------------------- loading
 def infer_family(model: str) -> str:
-    """The adapter family of a model spec: 'tiny:<family>', 'world:unet|flow', or a folder's model_index.json."""
+    """The adapter family of a model spec: 'tiny:<family>', 'world:unet|flow|video', or a folder's model_index.json."""
     from diffalign.models import ADAPTERS, ModelLoadError
 
     by_pipeline = {cls.pipeline_class_name: fam for fam, cls in ADAPTERS.items()}
@@ -148,9 +148,9 @@ def infer_family(model: str) -> str:
         return model.split(":", 1)[1].partition("-")[0]
     if model.startswith("world:"):
         kind = model.split(":", 1)[1]
-        if kind not in ("unet", "flow"):
-            raise ModelLoadError(f"unknown world generator {model!r}: world:unet or world:flow")
-        return {"unet": "sd15", "flow": "sd3"}[kind]
+        if kind not in ("unet", "flow", "video"):
+            raise ModelLoadError(f"unknown world generator {model!r}: world:unet, world:flow or world:video")
+        return {"unet": "sd15", "flow": "sd3", "video": "wan"}[kind]
     path = Path(model).expanduser()
     index = path / "model_index.json"
     if not index.is_file():
@@ -158,7 +158,7 @@ def infer_family(model: str) -> str:
         if path.exists() or model.startswith((".", "/", "~")) or model.strip("/").count("/") >= 2:
             what = "no model_index.json in that folder" if path.exists() else "no such folder"
             raise ModelLoadError(f"--model {model}: {what}. Give a diffusers pipeline folder (pipe.save_pretrained), "
-                                 "a hub id, tiny:<family> or world:unet / world:flow.")
+                                 "a hub id, tiny:<family> or world:unet / world:flow / world:video.")
         try:  # a hub id: its model_index.json from the local cache (or the hub when online)
             from huggingface_hub import hf_hub_download
 
@@ -309,6 +309,17 @@ class Sampler:
         max_seq = cfg.max_sequence_length
         if max_seq is None and cfg.model == "world:flow":
             max_seq = 1  # the world flow generator has no T5 and was trained with one zero token in its place
+        num_frames, fps, world_size = cfg.num_frames, cfg.fps, None
+        if cfg.model == "world:video":  # sample it as it was trained: 16 text tokens, 9-frame 16x16 clips, 10 fps
+            from diffalign.world.generators import VIDEO_GEN_FPS, VIDEO_GEN_FRAMES, VIDEO_TEXT_LEN
+            from diffalign.world.video import VIDEO_SIZE
+
+            world_size = (VIDEO_SIZE, VIDEO_SIZE)
+
+            max_seq = VIDEO_TEXT_LEN if max_seq is None else max_seq
+            num_frames = VIDEO_GEN_FRAMES if num_frames is None else num_frames
+            fps = VIDEO_GEN_FPS if fps is None else fps
+        fps = 16.0 if fps is None else fps
         if adapter is None:
             mcfg = ModelConfig(family=family, pretrained=cfg.model, max_sequence_length=max_seq,
                                **({"guidance_scale": cfg.distilled_guidance} if cfg.distilled_guidance is not None else {}))
@@ -352,7 +363,7 @@ class Sampler:
             terms.append(CleanRewardGuidance(clean_reward.to(self.device), cfg.clean_weights, cfg.clean_scale, cfg.t_max))
         self.guidance = GuidanceStack(terms)
 
-        height, width = adapter.default_resolution()
+        height, width = world_size or adapter.default_resolution()
         scheduler = cfg.scheduler
         if scheduler == "auto":
             scheduler = ("euler_sde" if cfg.sde_noise else "euler") if adapter.is_flow else "ddim"
@@ -360,12 +371,12 @@ class Sampler:
         self.config = dataclasses.replace(
             cfg, family=family, guidance_scale=float(scale), scheduler=scheduler, max_sequence_length=max_seq,
             dtype=str(self.dtype).replace("torch.", ""),
-            height=cfg.height or height, width=cfg.width or width,
+            height=cfg.height or height, width=cfg.width or width, num_frames=num_frames, fps=float(fps),
             nrg_reward=cfg.nrg_reward if cfg.nrg_reward or nrg_reward is None else f"<object {nrg_reward.name}>",
             clean_reward=cfg.clean_reward if cfg.clean_reward or clean_reward is None else f"<object {clean_reward.name}>",
         )
         try:
-            self.latent_shape = adapter.latent_shape(self.config.height, self.config.width, cfg.num_frames)
+            self.latent_shape = adapter.latent_shape(self.config.height, self.config.width, self.config.num_frames)
         except ValueError as e:  # e.g. --num-frames for an image family
             raise ConfigError(str(e)) from e
         # fail now, not after the first batch: a bad scheduler name / option combination is a ConfigError

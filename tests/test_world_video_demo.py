@@ -186,3 +186,25 @@ def test_bundled_video_generator_loads_through_from_pretrained_and_follows_capti
     # measured 2026-11-23 (16 prompts): overall 0.595 vs 0.223 untrained, direction 0.886 vs 0.265
     assert trained["overall"].mean() > untrained["overall"].mean() + 0.2, (trained["overall"], untrained["overall"])
     assert trained["direction"].mean() > untrained["direction"].mean() + 0.3
+
+
+def test_sample_world_video_writes_clips_as_the_generator_was_trained(tmp_path):
+    """`diffalign sample --model world:video` needs no video flags: 9-frame 16x16 clips at 10 fps, 16 text tokens,
+    recorded in the sidecar; CFG and the clips' oracle scores are finite."""
+    from diffalign.cli import main
+    from diffalign.rewards.media import load_video, to_uint8_frames
+    from diffalign.world.video_oracle import score_clips
+
+    caption = "a large red square moving fast right on a white background"
+    assert main(["sample", "--model", "world:video", "--prompt", caption, "--num-per-prompt", "2", "--steps", "4",
+                 "--guidance-scale", "3", "--video-format", "gif", "--out", str(tmp_path), "--no-progress"]) == 0
+    config = json.loads((tmp_path / "samples.json").read_text())["config"]
+    assert (config["family"], config["num_frames"], config["fps"], config["height"], config["max_sequence_length"]) == \
+        ("wan", 9, 10.0, 16, 16)
+    clips = []
+    for f in sorted(tmp_path.glob("*.gif")):
+        frames, fps = load_video(f)
+        assert len(frames) == 9 and fps == pytest.approx(10.0)
+        clips.append(np.asarray(to_uint8_frames(frames)))
+    assert len(clips) == 2 and clips[0].shape == (9, 16, 16, 3)
+    assert all(np.isfinite(v).all() for v in score_clips(np.stack(clips), [caption] * 2).values())

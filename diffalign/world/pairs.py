@@ -393,5 +393,7 @@ def make_render_pairs(captions: list[str], out_path: str | Path, **kw) -> dict:
     n = len(pairs["captions"])
     images = np.concatenate([pairs["images_0"], pairs["images_1"]])
     scores = {k: np.concatenate([pairs["scores_0"][k], pairs["scores_1"][k]]) for k in pairs["scores_0"]}
-    _write_table(_pair_table(images, scores, pairs["captions"], [(i, i, n + i) for i in range(n)]), out_path)
+    rows = _pair_table(_media_writer(images, "image", Path(out_path)), scores, pairs["captions"],
+                       [(i, i, n + i) for i in range(n)])
+    _write_table(rows, out_path)
     return {"prompts": len(captions), "pairs": n}
