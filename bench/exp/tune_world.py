@@ -1,6 +1,8 @@
 """DPO tuning on an existing demo run's pairs + cache, any world kind (unet, flow, video):
-python bench/exp/tune_world.py KIND DEMO_DIR TAG [key=value ...]; held-out = the demo's prompts and seeds."""
-import json, sys, time
+python bench/exp/tune_world.py KIND DEMO_DIR TAG [key=value ...]; held-out = the demo's prompts and seeds.
+With TUNE_HELDOUT=all (what bench/exp/tune.py sets): every held-out prompt once, seeds 10000 + 2i, base samples
+cached in runs/exp/base-KIND.npy (the setting of the older tune.py rows in BENCHMARKS)."""
+import json, os, sys, time
 from pathlib import Path
 import numpy as np
 from diffalign.cli import _quiet_libraries
@@ -19,18 +21,21 @@ pairs = src / ("pairs.jsonl" if kind == "video" else "pairs.parquet")
 cfg = load_config(demo.RECIPES[kind], [f"data.path={pairs}", f"cache.dir={src/'cache'}",
                                        f"train.output_dir={out}", "train.resume=none", *overrides])
 train_scenes, held = spec.splits()
-rng = np.random.default_rng(0)
-rng.permutation(len(train_scenes))  # the demo draws the training prompts first
-if "heldout_prompts" in plan:
-    held = [held[i] for i in rng.permutation(len(held))[:plan["heldout_prompts"]]]
-caps = [s.caption() for s in held for _ in range(plan["heldout_seeds"])]
-seeds = [10_000 + i for i in range(len(caps))]
-unseen = np.array([spec.unseen(s) for s in held for _ in range(plan["heldout_seeds"])])
+every_heldout = os.environ.get("TUNE_HELDOUT") == "all"
+per_prompt = 1 if every_heldout else plan["heldout_seeds"]
+if not every_heldout:
+    rng = np.random.default_rng(0)
+    rng.permutation(len(train_scenes))  # the demo draws the training prompts first
+    if "heldout_prompts" in plan:
+        held = [held[i] for i in rng.permutation(len(held))[:plan["heldout_prompts"]]]
+caps = [s.caption() for s in held for _ in range(per_prompt)]
+seeds = [10_000 + (2 if every_heldout else 1) * i for i in range(len(caps))]
+unseen = np.array([spec.unseen(s) for s in held for _ in range(per_prompt)])
 kw = dict(steps=plan["sample_steps"], guidance_scale=3.0)
 t0 = time.time()
 tr = Trainer(cfg, show_progress=False)
 tr.setup()
-basef = src / "tune_base.npy"
+basef = Path(f"runs/exp/base-{kind}.npy") if every_heldout else src / "tune_base.npy"
 if basef.exists():
     base = np.load(basef)
 else:
@@ -41,11 +46,13 @@ before = spec.score(base, caps)
 curve = []
 def cb(t):
     if t.step % 100 == 0 and t.step < cfg.train.max_steps:
-        c = demo.compare(before, spec.score(generate(t.adapter.pipe, caps, seeds, **kw), caps), spec.dimensions)
+        with t._ema_weights():  # EMA weights when train.ema=true, the live ones otherwise
+            c = demo.compare(before, spec.score(generate(t.adapter.pipe, caps, seeds, **kw), caps), spec.dimensions)
         curve.append((t.step, round(c["gain"], 4), round(c["win_rate"], 3)))
         print("  step", t.step, curve[-1], flush=True)
 res = tr.train(callback=cb)
-after = spec.score(generate(tr.adapter.pipe, caps, seeds, **kw), caps)
+with tr._ema_weights():
+    after = spec.score(generate(tr.adapter.pipe, caps, seeds, **kw), caps)
 c = demo.compare(before, after, spec.dimensions)
 cu = demo.compare({k: v[unseen] for k, v in before.items()}, {k: v[unseen] for k, v in after.items()}, spec.dimensions)
 rec = {"kind": kind, "tag": tag, "overrides": overrides, "before": c["oracle_before"], "after": c["oracle_after"],
