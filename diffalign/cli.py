@@ -274,8 +274,8 @@ def cmd_demo(args) -> int:
                      f"p = {u['p_value']:.2g} (n={u['n']})")
     lines.append(f"pairs {r['pairs']['pairs']} from {r['prompts_train']} prompts, {r['steps']} DPO steps, "
                  f"{r['seconds']:.0f}s")
-    grid = ("samples.png (frame strips: each base clip above its aligned clip)  samples.gif" if r["family"] == "video"
-            else "samples.png (top: base, bottom: aligned)")
+    grid = (f"samples.png (frame strips: each base clip above its aligned clip)  {out}/samples.gif"
+            if r["family"] == "video" else "samples.png (top: base, bottom: aligned)")
     lines.append(f"outputs  {out}/report.json  {out}/{grid}  {out}/reward_curve.png")
     print("\n".join(lines))
     return 0
