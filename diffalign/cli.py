@@ -295,18 +295,13 @@ def cmd_world(args) -> int:
         return 0
     from diffalign.config import ModelConfig
     from diffalign.models import load_pipeline
+    from diffalign.world.demo import world_spec
     from diffalign.world.pairs import generator_family, make_pairs, world_kind
-    from diffalign.world.scenes import prompt_splits
 
     import numpy as np
 
     pipe = load_pipeline(ModelConfig(family=generator_family(args.model), pretrained=args.model))
-    if world_kind(pipe) == "video":
-        from diffalign.world.video import video_prompt_splits
-
-        train_scenes, _ = video_prompt_splits(0)
-    else:
-        train_scenes, _ = prompt_splits(0)
+    train_scenes, _ = world_spec(world_kind(pipe)).splits()
     order = np.random.default_rng(args.seed).permutation(len(train_scenes))[:args.prompts]
     if args.world_verb == "labels":
         from diffalign.world.pairs import make_labelled

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+
 def world_kind(pipe) -> str:
     """'unet', 'flow' or 'video': which world generator ``pipe`` is, from its pipeline class."""
     name = type(pipe).__name__
@@ -36,8 +37,8 @@ def world_kind(pipe) -> str:
     return "flow" if name.startswith("StableDiffusion3") else "unet"
 
 
-def _sample_kwargs(kind: str) -> dict:
-    """Extra pipeline arguments a world generator must be sampled with (what it was trained with)."""
+def world_sample_kwargs(kind: str) -> dict:
+    """Extra pipeline arguments a world generator of ``kind`` must be sampled with (what it was trained with)."""
     if kind == "video":
         from diffalign.world.generators import VIDEO_GEN_FRAMES, VIDEO_TEXT_LEN
         from diffalign.world.video import VIDEO_SIZE
@@ -47,23 +48,22 @@ def _sample_kwargs(kind: str) -> dict:
     return {"max_sequence_length": 1} if kind == "flow" else {}
 
 
-_PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusion3Pipeline": "sd3", "WanPipeline": "wan"}
-
-
 def generator_family(model: str) -> str:
     """The adapter family ('sd15', 'sd3' or 'wan') of a world generator given as ``world:<kind>`` or a
     pipeline folder, read from its model_index.json (not guessed from the name)."""
-    from diffalign.models import ModelLoadError, resolve_pretrained
+    from diffalign.models import ADAPTERS, ModelLoadError, resolve_pretrained
+    from diffalign.world.pretrain import KIND_FAMILY
 
+    families = {ADAPTERS[f].pipeline_class_name: f for f in KIND_FAMILY.values()}  # the world generators' pipelines
     index = Path(resolve_pretrained(model)) / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(f"{model}: no model_index.json at {index}; give world:unet, world:flow, world:video "
                              "or a folder written by `diffalign world pretrain`")
     name = json.loads(index.read_text()).get("_class_name", "")
-    if name not in _PIPELINE_FAMILIES:
+    if name not in families:
         raise ModelLoadError(f"{model}: a {name or 'unknown'} pipeline is not a world generator "
-                             f"(expected one of {', '.join(_PIPELINE_FAMILIES)})")
-    return _PIPELINE_FAMILIES[name]
+                             f"(expected one of {', '.join(families)})")
+    return families[name]
 
 
 def world_oracle(kind: str):
@@ -92,7 +92,7 @@ def generate(pipe, captions: list[str], seeds: list[int], *, steps: int = 20, gu
         caps = captions[start:start + batch_size]
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + batch_size]]
         result = pipe(prompt=caps, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                      output_type="np", **_sample_kwargs(kind))
+                      output_type="np", **world_sample_kwargs(kind))
         media = result.frames if kind == "video" else result.images
         out.append((np.clip(media, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
@@ -174,6 +174,12 @@ def _write_table(rows: dict[str, list], out_path: str | Path) -> Path:
     return out_path
 
 
+def _require_jsonl(out_path: Path) -> None:
+    if out_path.suffix != ".jsonl":
+        raise ValueError(f"{out_path}: video pairs are written as a .jsonl table of clip files (the data path reads "
+                         f"videos from files, not from parquet bytes); give an out path ending in .jsonl")
+
+
 def _media_writer(samples: np.ndarray, kind: str, out_path: Path):
     """flat index -> the ``jpg_*`` value of that sample: PNG bytes for images; for clips, a GIF written
     to ``<out_path stem>-clips/`` and its path relative to the table (the data path reads video files)."""
@@ -182,9 +188,7 @@ def _media_writer(samples: np.ndarray, kind: str, out_path: Path):
     from diffalign.rewards.media import write_video
     from diffalign.world.generators import VIDEO_GEN_FPS
 
-    if out_path.suffix != ".jsonl":
-        raise ValueError(f"{out_path}: video pairs are written as a .jsonl table of clip files (the data path reads "
-                         f"videos from files, not from parquet bytes); give an out path ending in .jsonl")
+    _require_jsonl(out_path)
     folder = out_path.with_name(out_path.stem + "-clips")
 
     def write(flat: int) -> str:
@@ -215,14 +219,14 @@ def make_pairs(pipe, captions: list[str], out_path: str | Path, *, k: int = 8, s
     ``min_gap`` are left out (no real preference). Images go into a parquet as PNG bytes; clips of the
     video generator into GIF files beside a ``.jsonl`` ``out_path``. Returns counts and mean scores.
     """
-    out_path = Path(out_path)
-    if world_kind(pipe) == "video" and out_path.suffix != ".jsonl":  # fail before sampling, not after
-        _media_writer(np.zeros(0), "video", out_path)
+    out_path, kind = Path(out_path), world_kind(pipe)
+    if kind == "video":  # fail before sampling, not after
+        _require_jsonl(out_path)
     all_caps, samples, scores = _sample_k(pipe, captions, k, seed, steps, guidance_scale, show_progress)
     overall = scores["overall"].reshape(len(captions), k)
     rng = np.random.default_rng(seed)
     pairs = [(i, i * k + a, i * k + b) for i, a, b in _select_pairs(overall, pairing, min_gap, rng)]
-    _write_table(_pair_table(_media_writer(samples, world_kind(pipe), out_path), scores, captions, pairs), out_path)
+    _write_table(_pair_table(_media_writer(samples, kind, out_path), scores, captions, pairs), out_path)
     return {"prompts": len(captions), "pairs": len(pairs), "samples_per_prompt": k, "pairing": pairing,
             "mean_overall": float(scores["overall"].mean()),
             "mean_best": float(overall.max(1).mean()), "mean_worst": float(overall.min(1).mean())}
