@@ -306,20 +306,19 @@ class Sampler:
             raise ConfigError("num_per_prompt, steps and batch_size must be >= 1")
 
         family = cfg.family or (adapter.family if adapter is not None else infer_family(cfg.model))
-        max_seq = cfg.max_sequence_length
-        if max_seq is None and cfg.model == "world:flow":
-            max_seq = 1  # the world flow generator has no T5 and was trained with one zero token in its place
-        num_frames, fps, world_size = cfg.num_frames, cfg.fps, None
-        if cfg.model == "world:video":  # sample it as it was trained: 16 text tokens, 9-frame 16x16 clips, 10 fps
-            from diffalign.world.generators import VIDEO_GEN_FPS, VIDEO_GEN_FRAMES, VIDEO_TEXT_LEN
-            from diffalign.world.video import VIDEO_SIZE
+        # a bundled world generator is sampled as it was trained (world:flow: one zero T5 token; world:video: 16
+        # text tokens, 9-frame 16x16 clips at 10 fps): the same settings `diffalign world pairs` and the demo use
+        trained: dict = {}
+        if cfg.model.startswith("world:"):
+            from diffalign.world.generators import VIDEO_GEN_FPS
+            from diffalign.world.pairs import world_sample_kwargs
 
-            world_size = (VIDEO_SIZE, VIDEO_SIZE)
-
-            max_seq = VIDEO_TEXT_LEN if max_seq is None else max_seq
-            num_frames = VIDEO_GEN_FRAMES if num_frames is None else num_frames
-            fps = VIDEO_GEN_FPS if fps is None else fps
-        fps = 16.0 if fps is None else fps
+            kind = cfg.model.split(":", 1)[1]
+            trained = {**world_sample_kwargs(kind), **({"fps": VIDEO_GEN_FPS} if kind == "video" else {})}
+        max_seq = trained.get("max_sequence_length") if cfg.max_sequence_length is None else cfg.max_sequence_length
+        num_frames = trained.get("num_frames") if cfg.num_frames is None else cfg.num_frames
+        fps = trained.get("fps", 16.0) if cfg.fps is None else cfg.fps
+        world_size = (trained["height"], trained["width"]) if "height" in trained else None
         if adapter is None:
             mcfg = ModelConfig(family=family, pretrained=cfg.model, max_sequence_length=max_seq,
                                **({"guidance_scale": cfg.distilled_guidance} if cfg.distilled_guidance is not None else {}))
