@@ -282,6 +282,11 @@ def world_pairs_from_scores(images_a: np.ndarray, images_b: np.ndarray, captions
     return pairs
 
 
+def _world_pair_keys(dimensions: Sequence[str]) -> list[str]:
+    """The columns (parquet) or keys (jsonl rows) every world-pairs table carries."""
+    return ["jpg_0", "jpg_1", "caption"] + [f"{d}_{s}" for d in dimensions for s in (0, 1)]
+
+
 def read_world_pairs(path: str | Path, dimensions: Sequence[str], tie_margin: float) -> LabelledPairs:
     """A world-pairs parquet (``{dim}_0``/``{dim}_1`` oracle scores per row) as in-memory LabelledPairs.
 
@@ -295,8 +300,7 @@ def read_world_pairs(path: str | Path, dimensions: Sequence[str], tie_margin: fl
         raise DataError(f"{path}: no such parquet file")
     table = pq.read_table(path)
     cols = table.column_names
-    need = ["jpg_0", "jpg_1", "caption"] + [f"{d}_{s}" for d in dimensions for s in (0, 1)]
-    missing = [c for c in need if c not in cols]
+    missing = [c for c in _world_pair_keys(dimensions) if c not in cols]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; world pairs carry jpg_0, jpg_1, caption and the oracle "
                         f"scores <dim>_0, <dim>_1 of both images (diffalign world pairs writes them)")
@@ -331,7 +335,7 @@ def read_world_video_pairs(path: str | Path, dimensions: Sequence[str], tie_marg
     if not path.is_file():
         raise DataError(f"{path}: no such .jsonl file")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    need = ["jpg_0", "jpg_1", "caption"] + [f"{d}_{s}" for d in dimensions for s in (0, 1)]
+    need = _world_pair_keys(dimensions)
     for i, row in enumerate(rows):
         missing = [c for c in need if c not in row]
         if missing:
@@ -357,14 +361,15 @@ def read_world_video_pairs(path: str | Path, dimensions: Sequence[str], tie_marg
     return _drop_unlabelled(pairs)
 
 
-def _world_captions(split: str, prompts: int | None, seed: int) -> list[str]:
-    from diffalign.world.scenes import prompt_splits
+def _world_captions(split: str, prompts: int | None, seed: int, kind: str = "flow") -> list[str]:
+    """Captions of the world of generator ``kind`` ('unet'/'flow': images, 'video': clips), split as the demo
+    splits them; ``prompts`` of them (seeded subset, original order kept) when given."""
+    from diffalign.world.demo import world_spec
 
     if split not in ("train", "heldout"):
         raise DataError(f"world source: split={split!r} must be 'train' or 'heldout'")
-    train, heldout = prompt_splits(0)
-    scenes = train if split == "train" else heldout
-    caps = [s.caption() for s in scenes]
+    train, heldout = world_spec(kind).splits()
+    caps = [s.caption() for s in (train if split == "train" else heldout)]
     if prompts is not None and prompts < len(caps):
         order = np.random.default_rng(seed).permutation(len(caps))[:prompts]
         caps = [caps[i] for i in sorted(order)]
@@ -401,19 +406,6 @@ def world_render_source(spec: str, dimensions: Sequence[str], tie_margin: float)
                                                     r["scores_1"], dimensions, tie_margin, source=spec, group=group))
 
 
-def _video_world_captions(split: str, prompts: int | None, seed: int) -> list[str]:
-    from diffalign.world.video import video_prompt_splits
-
-    if split not in ("train", "heldout"):
-        raise DataError(f"world:video-renders: split={split!r} must be 'train' or 'heldout'")
-    train, heldout = video_prompt_splits(0)
-    caps = [s.caption() for s in (train if split == "train" else heldout)]
-    if prompts is not None and prompts < len(caps):
-        order = np.random.default_rng(seed).permutation(len(caps))[:prompts]
-        caps = [caps[i] for i in sorted(order)]
-    return caps
-
-
 def world_video_render_source(spec: str, dimensions: Sequence[str], tie_margin: float) -> LabelledPairs:
     """``world:video-renders?...`` (see the module docstring): video-world clip pairs rendered in memory."""
     from diffalign.world.video_pairs import video_pairs
@@ -425,7 +417,7 @@ def world_video_render_source(spec: str, dimensions: Sequence[str], tie_margin: 
     if not (math.isfinite(fps) and fps > 0):
         raise DataError(f"{spec}: fps must be a positive number, got {fps}")
     split, prompts = opts.pop("split", "train"), opts.pop("prompts", None)
-    caps = _video_world_captions(split, prompts, opts.get("seed", 0))
+    caps = _world_captions(split, prompts, opts.get("seed", 0), kind="video")
     try:
         r = video_pairs(caps, **opts)
     except ValueError as e:
@@ -450,7 +442,7 @@ def world_sample_source(spec: str, dimensions: Sequence[str], tie_margin: float,
 
     family = generator_family(model)
     video = family == "wan"  # the video world's generator: clips, its own prompt split, GIF files + .jsonl
-    caps = (_video_world_captions if video else _world_captions)(split, opts.get("prompts"), seed)
+    caps = _world_captions(split, opts.get("prompts"), seed, kind="video" if video else "flow")
     key = hashlib.sha256(repr((model, split, len(caps), caps[:3], k, seed, steps, guidance, 1)).encode()).hexdigest()[:16]
     stem = diffalign_home() / "world-pairs" / f"{model.replace(':', '-').replace('/', '_')}-{split}-{key}"
     # video: a folder (pairs.jsonl + its clips), else one parquet; written under a temporary name and renamed,

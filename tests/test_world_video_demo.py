@@ -152,9 +152,9 @@ def test_world_samples_source_reads_video_generator_pairs_with_videoreward_label
     assert pairs.images_a.shape[1:] == (VIDEO_GEN_FRAMES, 16, 16, 3) and set(pairs.fps_a) == {VIDEO_GEN_FPS}
     assert len(pairs) == 6  # 2 prompts x 3 within-prompt pairs, none tied at margin 0
     # labels are the oracle's on the sampled clips: find each pair's two clips among the 6 samples
-    from diffalign.rewards.data import _video_world_captions
+    from diffalign.rewards.data import _world_captions
 
-    caps = [c for c in _video_world_captions("train", 2, 0) for _ in range(3)]
+    caps = [c for c in _world_captions("train", 2, 0, kind="video") for _ in range(3)]
     clips = generate(__import__("diffusers").WanPipeline.from_pretrained(video_folder), caps, list(range(6)), steps=2)
     oracle = score_clips_videoreward(clips, caps)
     which = lambda clip: [i for i in range(6) if np.array_equal(clips[i], clip)]  # noqa: E731
