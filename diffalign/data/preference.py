@@ -303,25 +303,25 @@ def _resolve_image(value: Any, base_dir: Path | None, h: "hashlib._Hash") -> tup
     return None, f"unsupported image value of type {type(value).__name__}"
 
 
-class _Builder:
-    """Applies the label / tie / bad-row rules row by row and accumulates counts and the hash."""
+class _RowBuilder:
+    """What every source reader shares, row by row: the bad-row rule (raise or skip and count), the row
+    counter, the part (file) each row came from, the content hash, and the record limit. Subclasses add
+    their rows (pairs here, labelled single images in ``unpaired``) to ``records``."""
 
-    def __init__(self, name: str, *, caption_column: str, ties: str, on_error: str, max_pairs: int | None,
-                 score_columns: tuple[str, str] | None = None) -> None:
+    def __init__(self, name: str, *, caption_column: str, on_error: str, limit: int | None, counts: Any,
+                 hash_tag: bytes) -> None:
         self.name = name
         self.caption_column = caption_column
-        self.score_columns = score_columns
-        self.ties = ties
         self.on_error = on_error
-        self.max_pairs = max_pairs
-        self.records: list[PairRecord] = []
-        self.counts = SourceCounts()
+        self.limit = limit
+        self.records: list = []
+        self.counts = counts  # a SourceCounts / SampleCounts: .rows and .skipped at least
         self.parts: list[tuple[str, int]] = []
-        self.hash = hashlib.sha256(b"diffalign-preference-v1\0")
+        self.hash = hashlib.sha256(hash_tag)
 
     @property
     def full(self) -> bool:
-        return self.max_pairs is not None and len(self.records) >= self.max_pairs
+        return self.limit is not None and len(self.records) >= self.limit
 
     def start_part(self, file: str) -> int:
         """Register the next file of a multi-file source; returns its first row number."""
@@ -343,6 +343,18 @@ class _Builder:
         _hash_field(self.hash, b"R", row.to_bytes(8, "little"))
         _hash_field(self.hash, b"Z", raw.encode("utf-8", "replace"))
         self._bad(row, reason)
+
+
+class _Builder(_RowBuilder):
+    """Applies the label / tie / bad-row rules to preference pairs row by row."""
+
+    def __init__(self, name: str, *, caption_column: str, ties: str, on_error: str, max_pairs: int | None,
+                 score_columns: tuple[str, str] | None = None) -> None:
+        super().__init__(name, caption_column=caption_column, on_error=on_error, limit=max_pairs,
+                         counts=SourceCounts(), hash_tag=b"diffalign-preference-v1\0")
+        self.score_columns = score_columns
+        self.ties = ties
+        self.records: list[PairRecord] = []
 
     def add_scored(self, row: int, caption: Any, score: float | None, path_a: Any, path_b: Any,
                    base_dir: Path | None, fps: tuple[float | None, float | None], labels: str,

@@ -29,7 +29,6 @@ the others need pairs and refuse it before the model is loaded (:class:`diffalig
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import numbers
@@ -40,7 +39,7 @@ from typing import Any, ClassVar, Iterable, Iterator
 import torch
 
 from diffalign.data.preference import (
-    _ABSENT, _BATCH_ROWS, _FIX, _IMAGE_COLUMN_PAIRS, DataError, _describe, _hash_field, _parquet_files,
+    _ABSENT, _BATCH_ROWS, _IMAGE_COLUMN_PAIRS, DataError, _describe, _hash_field, _parquet_files, _RowBuilder,
     _resolve_image, dataset_key, decode_image, is_video_ref,
 )
 from diffalign.data.transforms import JointTransform, pair_generator
@@ -209,40 +208,15 @@ def detect_data_kind(path: str, split: str = "train", label_column: str = "label
 # Reading
 
 
-class _SampleBuilder:
-    """Applies the label / bad-row rules row by row and accumulates counts and the hash."""
+class _SampleBuilder(_RowBuilder):
+    """Applies the label / bad-row rules to labelled single images row by row."""
 
     def __init__(self, name: str, *, caption_column: str, label_column: str, on_error: str,
                  max_samples: int | None) -> None:
-        self.name = name
-        self.caption_column = caption_column
+        super().__init__(name, caption_column=caption_column, on_error=on_error, limit=max_samples,
+                         counts=SampleCounts(), hash_tag=b"diffalign-unpaired-v1\0")
         self.label_column = label_column
-        self.on_error = on_error
-        self.max_samples = max_samples
         self.records: list[SampleRecord] = []
-        self.counts = SampleCounts()
-        self.parts: list[tuple[str, int]] = []
-        self.hash = hashlib.sha256(b"diffalign-unpaired-v1\0")
-
-    @property
-    def full(self) -> bool:
-        return self.max_samples is not None and len(self.records) >= self.max_samples
-
-    def start_part(self, file: str) -> None:
-        self.parts.append((file, self.counts.rows))
-
-    def _bad(self, row: int, reason: str) -> None:
-        if self.on_error == "raise":
-            raise DataError(f"{_describe(self.name, self.parts, row)}: row {row}: {reason}. {_FIX}")
-        self.counts.skipped.append((row, reason))
-
-    def bad_raw(self, raw: str, reason: str) -> None:
-        """A row that could not even be parsed (e.g. invalid JSON)."""
-        row = self.counts.rows
-        self.counts.rows += 1
-        _hash_field(self.hash, b"R", row.to_bytes(8, "little"))
-        _hash_field(self.hash, b"Z", raw.encode("utf-8", "replace"))
-        self._bad(row, reason)
 
     def add(self, caption: Any, label: Any, image: Any, image_column: str, base_dir: Path | None) -> None:
         row = self.counts.rows
