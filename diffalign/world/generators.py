@@ -131,9 +131,38 @@ def _umt5_encoder(tokenizer, seed: int):
     ))
 
 
-def build_world_pipeline(kind: str, vae, seed: int = 0):
-    """An untrained world pipeline of ``kind`` ('unet', 'flow' or 'video') around a (trained) ``vae``."""
-    from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+NOISE_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear")
+
+
+def world_ddpm_scheduler(noise_schedule: str = "scaled_linear"):
+    """The world UNet's DDPM scheduler (eps prediction, 1000 steps).
+
+    'scaled_linear' is SD1.5's (0.00085 .. 0.012, leading spacing), the bundled UNet's: sqrt(alpha_bar_T) =
+    0.068, which leaves a 16x16 latent's low frequencies readable at t = T (a model trained on it puts 52%
+    of objects at the captioned position when sampling starts from noise WITH that leak, 8% from pure
+    noise). 'linear' is DDPM's (1e-4 .. 0.02, trailing spacing so sampling starts at t = 999):
+    sqrt(alpha_bar_T) = 0.0066. Removing the leak alone did not teach the UNet position words
+    (BENCHMARKS, "The UNet ignores position words").
+    """
+    from diffusers import DDPMScheduler
+
+    if noise_schedule == "linear":
+        return DDPMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000,
+                             prediction_type="epsilon", clip_sample=False, timestep_spacing="trailing",
+                             steps_offset=1)  # unused by trailing spacing; StableDiffusionPipeline warns without it
+    if noise_schedule == "scaled_linear":
+        return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False, steps_offset=1)
+    raise ValueError(f"unknown noise_schedule {noise_schedule!r}: use one of {NOISE_SCHEDULES}")
+
+
+def build_world_pipeline(kind: str, vae, seed: int = 0, noise_schedule: str = "scaled_linear", unet_levels: int = 2):
+    """An untrained world pipeline of ``kind`` ('unet', 'flow' or 'video') around a (trained) ``vae``;
+    ``noise_schedule`` (see :func:`world_ddpm_scheduler`) and ``unet_levels`` (2: 16x16 -> 8x8, the bundled
+    UNet; 3: down to 4x4) are the UNet's."""
+    if unet_levels not in (2, 3):
+        raise ValueError(f"unet_levels={unet_levels}: 2 or 3")
+    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
 
     tokenizer = build_word_clip_tokenizer(world_words())
@@ -141,13 +170,14 @@ def build_world_pipeline(kind: str, vae, seed: int = 0):
     if kind == "unet":
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            # text enters at 8x8 and in the mid block; attention at 16x16 would cost 4x per step on a CPU
-            sample_size=latent, in_channels=4, out_channels=4, block_out_channels=(48, 96), layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            # text enters at 8x8 (and 4x4 with three levels) and in the mid block; attention at 16x16 would
+            # cost 4x per step on a CPU
+            sample_size=latent, in_channels=4, out_channels=4, block_out_channels=(48, 96, 96)[:unet_levels],
+            layers_per_block=1, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (unet_levels - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (unet_levels - 1) + ("UpBlock2D",),
             cross_attention_dim=TEXT_HIDDEN, attention_head_dim=8, norm_num_groups=16,
         )
-        scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False, steps_offset=1)
+        scheduler = world_ddpm_scheduler(noise_schedule)
         return StableDiffusionPipeline(
             unet=unet, vae=vae, text_encoder=_text_encoder(tokenizer, False, seed + 1), tokenizer=tokenizer,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, image_encoder=None,

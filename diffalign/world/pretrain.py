@@ -40,6 +40,12 @@ class PretrainConfig:
     device: str = "auto"
     lr_schedule: str = "constant"   # constant | cosine (to 0 after warmup)
     init_from: str = ""             # continue from a world pipeline folder (its VAE is kept, not retrained)
+    # unet only (BENCHMARKS, "The UNet ignores position words"): its DDPM betas, scaled_linear (SD1.5's, the bundled
+    # model's) | linear (terminal signal 0.0066 instead of 0.068; see generators.world_ddpm_scheduler); the eps loss
+    # weighted by min(1/alpha_bar_t, high_noise_weight) (1 = plain; see _eps_loss_weights); levels 2 | 3 (down to 4x4)
+    noise_schedule: str = "scaled_linear"
+    high_noise_weight: float = 1.0
+    unet_levels: int = 2
 
 
 def _to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -114,12 +120,20 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
     """Train a world generator of ``cfg.kind`` and save it as a diffusers pipeline folder in ``out_dir``."""
     from diffalign.config import ModelConfig
     from diffalign.models import ADAPTERS
-    from diffalign.world.generators import VIDEO_TEXT_LEN, build_world_pipeline, build_world_vae, build_world_video_vae
+    from diffalign.world.generators import (NOISE_SCHEDULES, VIDEO_TEXT_LEN, build_world_pipeline, build_world_vae,
+                                             build_world_video_vae, world_ddpm_scheduler)
 
     if cfg.kind not in KIND_FAMILY:
         raise ValueError(f"unknown kind {cfg.kind!r}: use one of {tuple(KIND_FAMILY)}")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    if cfg.noise_schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"unknown noise_schedule {cfg.noise_schedule!r}: use one of {NOISE_SCHEDULES}")
+    if cfg.unet_levels not in (2, 3):
+        raise ValueError(f"unet_levels={cfg.unet_levels}: 2 or 3")
+    if cfg.high_noise_weight < 1 or (cfg.high_noise_weight != 1 and cfg.kind != "unet"):
+        raise ValueError(f"high_noise_weight={cfg.high_noise_weight}: must be >= 1, and only the eps UNet (kind unet) "
+                         "has one (1 = the plain eps loss)")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}: constant or cosine")
     torch.manual_seed(cfg.seed)
@@ -134,13 +148,15 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
 
         pipe = load_pipeline(ModelConfig(family=family, pretrained=cfg.init_from, max_sequence_length=1))
         vae = pipe.vae
+        if cfg.kind == "unet":  # the continued stage trains (and ships) the schedule it names
+            pipe.scheduler = world_ddpm_scheduler(cfg.noise_schedule)
         prev_record = Path(resolve_pretrained(cfg.init_from)) / "pretrain.json"
         previous = json.loads(prev_record.read_text()) if prev_record.is_file() else None
         vae_stats = previous["vae"] if previous else {"vae_mse": float("nan"), "scaling_factor": vae.config.scaling_factor}
     else:
         vae = build_world_video_vae(cfg.seed) if cfg.kind == "video" else build_world_vae(cfg.seed)
         vae_stats = train_vae(vae, cfg, device, show_progress)
-        pipe = build_world_pipeline(cfg.kind, vae, cfg.seed)
+        pipe = build_world_pipeline(cfg.kind, vae, cfg.seed, cfg.noise_schedule, cfg.unet_levels)
     adapter = ADAPTERS[family](pipe, ModelConfig(family=family, pretrained="(pretraining)", max_sequence_length=max_seq,
                                                  timestep_sampling="logit_normal"), device=device)
     trainable_modules = [adapter.denoiser] + [m for name in ("text_encoder", "text_encoder_2")
@@ -179,7 +195,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
         eps = torch.randn(x0.shape, generator=gen).to(device)
         text = adapter.prompt_embeddings(batch_captions)
         pred = adapter.predict(adapter.denoiser, adapter.add_noise(x0, eps, t), t, text)
-        loss = (pred.float() - adapter.target(x0, eps, t).float()).pow(2).mean()
+        per_sample = (pred.float() - adapter.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)
+        if cfg.high_noise_weight != 1:
+            per_sample = per_sample * _eps_loss_weights(adapter.alphas_cumprod.to(device)[t], cfg.high_noise_weight)
+        loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -201,6 +220,18 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
     (out_dir / "pretrain.json").write_text(json.dumps(record, indent=2))
     write_model_card(out_dir, record)
     return record
+
+
+def _eps_loss_weights(alpha_bar: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-sample weights min(1/alpha_bar_t, cap) on the eps loss.
+
+    An eps error d is an x0 error d * sqrt((1 - alpha_bar) / alpha_bar): at high noise the plain eps loss
+    barely notices a wrong image. That is where the object's position is decided (later, x_t already
+    shows it), so an eps UNet trained on the plain loss never learns position words (measured: the same
+    loss with every caption's position swapped, at every t). 1/alpha_bar_t is v-prediction's weighting of
+    the same error (|v - v_hat|^2 = |eps - eps_hat|^2 / alpha_bar_t); ``cap`` bounds its variance near t = T.
+    """
+    return torch.clamp(1.0 / alpha_bar.float(), max=cap)
 
 
 def _vae_steps(record: dict) -> str:
@@ -226,6 +257,10 @@ def _continuation_note(record: dict) -> str:
 def _command(cfg: dict) -> str:
     """The `diffalign world pretrain` command line of a recorded config (flags that differ from the defaults)."""
     defaults = asdict(PretrainConfig())
+    cfg = dict(cfg)
+    if cfg["kind"] != "unet":  # only the UNet has them
+        for key in ("noise_schedule", "high_noise_weight", "unet_levels"):
+            cfg.pop(key, None)
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items()
                      if k not in ("device", "kind") and v != defaults.get(k))
     return f"diffalign world pretrain --kind {cfg['kind']} {flags} --out <folder>"
@@ -242,7 +277,9 @@ def write_model_card(out_dir: str | Path, record: dict) -> None:
                 "jointly. Sample it with num_frames=9, height=width=16 and max_sequence_length=16 (the text length it\n"
                 "was trained with).")
     else:
-        denoiser = ("an eps-prediction UNet2DConditionModel (DDPM schedule), the Diffusion-DPO path"
+        schedule = cfg.get("noise_schedule", "scaled_linear")  # records from before the option: SD1.5's
+        denoiser = (f"an eps-prediction UNet2DConditionModel (DDPM, {schedule} betas; see\n"
+                    f"diffalign.world.generators.world_ddpm_scheduler), the Diffusion-DPO path"
                     if cfg["kind"] == "unet" else
                     "an SD3Transformer2DModel trained with rectified flow (velocity target), the Flow-DPO path")
         what = (f"A tiny text-to-image diffusers pipeline for diffalign's embedded procedural world (32x32 RGB scenes):\n"
