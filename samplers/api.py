@@ -147,10 +147,12 @@ def infer_family(model: str) -> str:
     if model.startswith("tiny:"):
         return model.split(":", 1)[1].partition("-")[0]
     if model.startswith("world:"):
+        from diffalign.world.pretrain import KIND_FAMILY
+
         kind = model.split(":", 1)[1]
-        if kind not in ("unet", "flow", "video"):
+        if kind not in KIND_FAMILY:
             raise ModelLoadError(f"unknown world generator {model!r}: world:unet, world:flow or world:video")
-        return {"unet": "sd15", "flow": "sd3", "video": "wan"}[kind]
+        return KIND_FAMILY[kind]
     path = Path(model).expanduser()
     index = path / "model_index.json"
     if not index.is_file():

@@ -132,6 +132,7 @@ def _umt5_encoder(tokenizer, seed: int):
 
 
 NOISE_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear")
+UNET_LEVELS: tuple[int, ...] = (2, 3)  # 16x16 -> 8x8 (the bundled UNet) | down to 4x4
 
 
 def world_ddpm_scheduler(noise_schedule: str = "scaled_linear"):
@@ -160,8 +161,8 @@ def build_world_pipeline(kind: str, vae, seed: int = 0, noise_schedule: str = "s
     """An untrained world pipeline of ``kind`` ('unet', 'flow' or 'video') around a (trained) ``vae``;
     ``noise_schedule`` (see :func:`world_ddpm_scheduler`) and ``unet_levels`` (2: 16x16 -> 8x8, the bundled
     UNet; 3: down to 4x4) are the UNet's."""
-    if unet_levels not in (2, 3):
-        raise ValueError(f"unet_levels={unet_levels}: 2 or 3")
+    if unet_levels not in UNET_LEVELS:
+        raise ValueError(f"unet_levels={unet_levels}: use one of {UNET_LEVELS}")
     from diffusers import (FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
 

@@ -120,8 +120,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
     """Train a world generator of ``cfg.kind`` and save it as a diffusers pipeline folder in ``out_dir``."""
     from diffalign.config import ModelConfig
     from diffalign.models import ADAPTERS
-    from diffalign.world.generators import (NOISE_SCHEDULES, VIDEO_TEXT_LEN, build_world_pipeline, build_world_vae,
-                                             build_world_video_vae, world_ddpm_scheduler)
+    from diffalign.world.generators import (NOISE_SCHEDULES, UNET_LEVELS, VIDEO_TEXT_LEN, build_world_pipeline,
+                                             build_world_vae, build_world_video_vae, world_ddpm_scheduler)
 
     if cfg.kind not in KIND_FAMILY:
         raise ValueError(f"unknown kind {cfg.kind!r}: use one of {tuple(KIND_FAMILY)}")
@@ -129,8 +129,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
                           ("cpu" if cfg.device == "auto" else cfg.device))
     if cfg.noise_schedule not in NOISE_SCHEDULES:
         raise ValueError(f"unknown noise_schedule {cfg.noise_schedule!r}: use one of {NOISE_SCHEDULES}")
-    if cfg.unet_levels not in (2, 3):
-        raise ValueError(f"unet_levels={cfg.unet_levels}: 2 or 3")
+    if cfg.unet_levels not in UNET_LEVELS:
+        raise ValueError(f"unet_levels={cfg.unet_levels}: use one of {UNET_LEVELS}")
     if cfg.high_noise_weight < 1 or (cfg.high_noise_weight != 1 and cfg.kind != "unet"):
         raise ValueError(f"high_noise_weight={cfg.high_noise_weight}: must be >= 1, and only the eps UNet (kind unet) "
                          "has one (1 = the plain eps loss)")
