@@ -116,7 +116,9 @@ def _quiet_libraries() -> None:
 def _convention_banner(cfg) -> str:
     """One line stating the objective's exact convention (signs, scales, which images it trains on)."""
     o = cfg.objective
-    tw = "constant" if o.time_weighting == "constant" else "beta*(1-t)^2 (ablation)"
+    tw = {"constant": "constant", "one_minus_t_sq": "beta*(1-t)^2 (ablation)",
+          "velocity": f"beta*min(1/alpha_bar_t, {o.velocity_weight_cap:g}) on eps models (errors in velocity space)"
+          }[o.time_weighting]
     sft = f"; + {o.sft_weight:g} * err_θ(w)" if o.sft_weight else ""
     scale = (f"S = (score - {o.score_min:g}) / ({o.score_max:g} - {o.score_min:g}) from data.score_column="
              f"{cfg.data.score_column!r}")

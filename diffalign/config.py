@@ -90,7 +90,8 @@ class ObjectiveConfig:
     name: str = _f("dpo", "Training objective: dpo (Diffusion-DPO / Flow-DPO) | sft (plain denoising loss on winners) | gapo (DPO, each pair weighted by 2^S_w - 2^S_l) | rwr (Flow-RWR, reward-weighted loss on every image) | kto (Diffusion-KTO: unpaired labelled images, or pairs read as winners desirable, losers undesirable) | mapo (MaPO, reference-free) | seppo (SePPO: winners only, the loser is sampled by a past-checkpoint reference drawn from a pool; LoRA only).")
     beta: float = _f(5000.0, "DPO/GAPO beta in the convention inside = -(beta/2)[(err_θ(w)-err_ref(w)) - (err_θ(l)-err_ref(l))], err = per-sample MEAN squared error. SD1.5/SDXL: 5000 (= diffusers' beta_dpo 2500); flow: 100-2000. Diffusion-KTO: the beta of σ(±beta (g - z0)), 1000 in the paper's code.")
     loss_type: str = _f("sigmoid", "sigmoid (-log σ(inside)) | hinge (relu(1 - inside)) | ipo ((inside/beta - 1/(2 beta))^2).")
-    time_weighting: str = _f("constant", "Flow DPO beta over time: 'constant' (default, VideoAlign) or 'one_minus_t_sq' (beta (1-t)^2, ablation only: reward-hacks).")
+    time_weighting: str = _f("constant", "DPO/GAPO beta over time: 'constant' (default; Diffusion-DPO, and Flow-DPO as in VideoAlign) | 'velocity' (eps-prediction models: beta * min(1/alpha_bar_t, velocity_weight_cap), the errors measured in velocity space as Flow-DPO's are; moves colour/shape/layout, decided at high noise, instead of fine detail; = constant for velocity-target models) | 'one_minus_t_sq' (flow: beta (1-t)^2, ablation only: reward-hacks).")
+    velocity_weight_cap: float = _f(100.0, "time_weighting=velocity: cap of the 1/alpha_bar_t factor (1/alpha_bar_T is ~200 on SD1.5's schedule).")
     sft_weight: float = _f(0.0, "Add sft_weight * err_θ(w) to the DPO or GAPO loss (stabiliser).")
     score_min: float = _f(0.0, "gapo/rwr: rewards are scaled as S = (score - score_min) / (score_max - score_min); GAPO needs S in [0, 1]. The defaults keep [0, 1] scores (the world oracle's) unchanged.")
     score_max: float = _f(1.0, "gapo/rwr: upper end of the score scaling (see score_min).")
@@ -180,7 +181,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "objective.name": ("dpo", "sft", "gapo", "rwr", "kto", "mapo", "seppo"),
     "objective.seppo_flipper": ("sign", "indicator", "none", "reversed"),
     "objective.loss_type": ("sigmoid", "hinge", "ipo"),
-    "objective.time_weighting": ("constant", "one_minus_t_sq"),
+    "objective.time_weighting": ("constant", "one_minus_t_sq", "velocity"),
     "optim.optimizer": ("adamw", "adamw8bit"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.nan_policy": ("skip", "stop"),
@@ -323,6 +324,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"objective.tau must be > 0, got {o.tau}")
     if o.weight_clip is not None and o.weight_clip < 1:
         raise ConfigError(f"objective.weight_clip must be >= 1 (weights average 1) or null, got {o.weight_clip}")
+    if o.velocity_weight_cap < 1:
+        raise ConfigError(f"objective.velocity_weight_cap must be >= 1 (it caps 1/alpha_bar_t >= 1), got {o.velocity_weight_cap}")
     if o.kto_lambda_desirable < 0 or o.kto_lambda_undesirable < 0:
         raise ConfigError("objective.kto_lambda_desirable and objective.kto_lambda_undesirable must be >= 0")
     if o.kto_balance and o.name != "kto":
@@ -333,7 +336,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("objective.mapo_gamma and objective.mapo_scale must be > 0, objective.mapo_weight >= 0")
     # the DPO-logit options mean nothing to the other objectives: refuse them instead of silently ignoring them
     if o.name not in ("dpo", "gapo"):
-        for key, default in (("loss_type", "sigmoid"), ("time_weighting", "constant"), ("sft_weight", 0.0)):
+        for key, default in (("loss_type", "sigmoid"), ("time_weighting", "constant"), ("sft_weight", 0.0),
+                             ("velocity_weight_cap", ObjectiveConfig.velocity_weight_cap)):
             if getattr(o, key) != default:
                 raise ConfigError(f"objective.{key}={getattr(o, key)!r} applies to objective.name=dpo or gapo only, "
                                   f"not {o.name!r}")

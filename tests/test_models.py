@@ -79,6 +79,29 @@ def test_ddpm_eps_and_v_targets(tiny_model):
     torch.testing.assert_close(v_ad.target(x0, eps, t), v_ad.noise_scheduler.get_velocity(x0, eps, t))
 
 
+def test_velocity_error_scale_turns_eps_errors_into_v_errors(tiny_model):
+    """|v - v̂|² = |ε - ε̂|² / ᾱ_t for an eps model (v̂ implied by ε̂), so the scale is 1/ᾱ_t; velocity targets get 1."""
+    eps_ad = load_adapter(ModelConfig(family="sd15", pretrained=str(tiny_model("sd15"))))
+    v_ad = load_adapter(ModelConfig(family="sd15", pretrained=str(tiny_model("sd15", "v_prediction"))))
+    flow_ad = load_adapter(ModelConfig(family="sd3", pretrained=str(tiny_model("sd3")), max_sequence_length=16))
+    gen = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(3, 4, 4, 4, generator=gen), torch.randn(3, 4, 4, 4, generator=gen)
+    eps_hat = eps + 0.2 * torch.randn(3, 4, 4, 4, generator=gen)
+    t = torch.tensor([10, 500, 990])
+    x_t = eps_ad.add_noise(x0, eps, t)
+    abar = eps_ad.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0_hat = (x_t - (1 - abar).sqrt() * eps_hat) / abar.sqrt()
+    v_hat = abar.sqrt() * eps_hat - (1 - abar).sqrt() * x0_hat
+    err_eps = (eps - eps_hat).pow(2).flatten(1).mean(1)
+    err_v = (eps_ad.noise_scheduler.get_velocity(x0, eps, t) - v_hat).pow(2).flatten(1).mean(1)
+    scale = eps_ad.velocity_error_scale(t)
+    torch.testing.assert_close(scale, 1 / eps_ad.alphas_cumprod[t])
+    torch.testing.assert_close(err_eps * scale, err_v, rtol=1e-4, atol=1e-6)
+    assert scale[2] > 50 * scale[0]  # the factor lives at high noise
+    torch.testing.assert_close(v_ad.velocity_error_scale(t), torch.ones(3))
+    torch.testing.assert_close(flow_ad.velocity_error_scale(torch.tensor([0.1, 0.9])), torch.ones(2))
+
+
 def test_flux_pack_unpack_is_exact(tiny_model):
     from diffusers import FluxPipeline
 

@@ -78,6 +78,27 @@ def test_time_weighting_one_minus_t_squared_scales_beta():
     assert dpo_inside(e, 10, "constant").item() == pytest.approx(0.75)
 
 
+def test_velocity_time_weighting_is_dpo_on_velocity_errors():
+    """'velocity' on eps errors == 'constant' on the same errors in v space (err_v = err_eps / ᾱ_t), up to the cap."""
+    abar = torch.tensor([0.9, 0.3, 0.02], dtype=torch.float64)
+    err_eps = {role: torch.rand(3, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i, role in enumerate(("pw", "pl", "rw", "rl"))}
+    t = torch.tensor([0.1, 0.5, 0.95], dtype=torch.float64)
+    eps_space = PairErrors(err_eps["pw"], err_eps["pl"], err_eps["rw"], err_eps["rl"], t, velocity_scale=1 / abar)
+    v_space = PairErrors(*(err_eps[r] / abar for r in ("pw", "pl", "rw", "rl")), t)
+    torch.testing.assert_close(dpo_inside(eps_space, 7.0, "velocity", velocity_cap=1e9),
+                               dpo_inside(v_space, 7.0, "constant"))
+    # the cap: 1/0.02 = 50 is held at 10, the other two (1.11, 3.33) pass unchanged
+    capped = dpo_inside(eps_space, 7.0, "velocity", velocity_cap=10.0) / dpo_inside(eps_space, 7.0, "constant")
+    torch.testing.assert_close(capped, torch.tensor([1 / 0.9, 1 / 0.3, 10.0], dtype=torch.float64))
+    # the loss and the implicit rewards use the same β_t
+    loss, m = dpo_loss(eps_space, 7.0, time_weighting="velocity", velocity_cap=1e9)
+    loss_v, m_v = dpo_loss(v_space, 7.0)
+    assert loss.item() == pytest.approx(loss_v.item()) and m["reward_margin"] == pytest.approx(m_v["reward_margin"])
+    with pytest.raises(ValueError, match="velocity_scale"):
+        dpo_inside(errors(0.1, 0.3, 0.2, 0.25), 10, "velocity")
+
+
 def test_sft_term_and_plain_sft():
     e = errors([0.1, 0.3], [0.3, 0.1], [0.2, 0.2], [0.25, 0.2])
     base, _ = dpo_loss(e, 10)

@@ -386,6 +386,8 @@ def test_every_objective_is_registered_listed_and_has_a_banner():
         assert phrase in banner, banner
     assert "clipped at 4" in _convention_banner(load_config("world-flow-rwr"))
     assert "beta=1000" in _convention_banner(load_config("sd15-diffusion-kto"))
+    assert "beta*min(1/alpha_bar_t, 30)" in _convention_banner(
+        load_config(None, ["objective.time_weighting=velocity", "objective.velocity_weight_cap=30"]))
     # the real recipes carry the official settings
     kto, mapo = load_config("sd15-diffusion-kto"), load_config("sdxl-mapo")
     assert (kto.objective.beta, kto.optim.lr, kto.optim.warmup_steps, kto.lora.enabled) == (1000, 1e-7, 200, False)
@@ -398,9 +400,12 @@ def test_every_objective_is_registered_listed_and_has_a_banner():
 def test_dpo_only_options_are_refused_for_other_objectives():
     from diffalign.config import ConfigError, load_config
 
-    for key in ("objective.loss_type=hinge", "objective.sft_weight=0.5", "objective.time_weighting=one_minus_t_sq"):
+    for key in ("objective.loss_type=hinge", "objective.sft_weight=0.5", "objective.time_weighting=one_minus_t_sq",
+                "objective.time_weighting=velocity", "objective.velocity_weight_cap=30"):
         with pytest.raises(ConfigError, match="applies to objective.name=dpo or gapo only"):
             load_config(None, ["objective.name=kto", key])
         load_config(None, ["objective.name=gapo", key])  # GAPO reuses the DPO logit: allowed
     with pytest.raises(ConfigError, match="weight_clip must be >= 1"):
         load_config(None, ["objective.name=rwr", "objective.weight_clip=0.5"])
+    with pytest.raises(ConfigError, match="velocity_weight_cap must be >= 1"):
+        load_config(None, ["objective.time_weighting=velocity", "objective.velocity_weight_cap=0.5"])

@@ -1,4 +1,5 @@
 """The shared loop on tiny saved models: learning, reference semantics, resume, export, guards, cache."""
+import dataclasses
 import json
 import math
 
@@ -49,6 +50,21 @@ def test_step_zero_policy_equals_reference_ln2(family, prediction_type, make_cfg
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # LoRA B starts at zero
     assert metrics["implicit_acc"] == 0.5
     assert metrics["err_policy_w"] == pytest.approx(metrics["err_ref_w"])
+
+
+def test_loop_hands_the_objective_each_pairs_velocity_scale(make_cfg):
+    """time_weighting=velocity reads PairErrors.velocity_scale: the loop fills it with 1/ᾱ_t of each pair's own t."""
+    from diffalign.train.randomness import step_generator
+
+    trainer = Trainer(make_cfg("sd15", "train.max_steps=1", "objective.time_weighting=velocity"), show_progress=False)
+    trainer.setup()
+    seen, objective_fn = [], trainer.objective.fn
+    trainer.objective = dataclasses.replace(trainer.objective, fn=lambda e, c: (seen.append(e), objective_fn(e, c))[1])
+    loss, metrics = trainer.compute_loss(next(trainer._loader(0)), step_generator(0, 0, 0))
+    errors = seen[0]
+    t = (errors.t * trainer.adapter.num_train_timesteps).round().long().cpu()
+    torch.testing.assert_close(errors.velocity_scale.cpu(), 1 / trainer.adapter.alphas_cumprod[t])
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and metrics["implicit_acc"] == 0.5
 
 
 def test_reference_is_the_base_model_and_only_lora_trains(make_cfg):

@@ -119,6 +119,19 @@ class FamilyAdapter(ABC):
     def noise_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t), each [N] float32, with x_t = alpha_t x0 + sigma_t eps at native timesteps ``t``."""
 
+    def velocity_error_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """err_velocity / err_native per sample at native timesteps ``t``, [N] float32.
+
+        For eps-prediction on a variance-preserving schedule (α² + σ² = 1), v = α ε - σ x0 gives
+        |v - v̂|² = |ε - ε̂|² / α_t², so the factor is 1/α_t² (1/ᾱ_t): large at high noise, where an eps error
+        hides an x0 error. Models whose target already is a velocity (v-prediction, rectified flow) get 1.
+        The DPO objectives' ``time_weighting='velocity'`` multiplies β by it (capped).
+        """
+        if self.prediction_type != "epsilon":
+            return torch.ones(t.shape[0], dtype=torch.float32)
+        alpha, _ = self.noise_coefficients(t)
+        return 1.0 / alpha.float().cpu().pow(2)
+
     def default_resolution(self) -> tuple[int, int]:
         """(height, width) in pixels the pipeline samples at when none is given (its own default)."""
         size = int(self.denoiser.config.sample_size) * int(self.pipe.vae_scale_factor)

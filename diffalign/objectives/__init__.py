@@ -67,12 +67,13 @@ def _check_gapo(score_w: torch.Tensor, score_l: torch.Tensor, rows: list[int], c
 OBJECTIVES: dict[str, Objective] = {
     "dpo": Objective(
         "dpo", uses_losers=True, needs_reference=True,
-        fn=lambda e, c: dpo_loss(e, c.beta, c.loss_type, c.time_weighting, c.sft_weight),
+        fn=lambda e, c: dpo_loss(e, c.beta, c.loss_type, c.time_weighting, c.sft_weight, c.velocity_weight_cap),
     ),
     "sft": Objective("sft", uses_losers=False, needs_reference=False, fn=lambda e, c: sft_loss(e.policy_w)),
     "gapo": Objective(
         "gapo", uses_losers=True, needs_reference=True, needs_scores=True, check_scores=_check_gapo,
-        fn=lambda e, c: gapo_loss(e, c.beta, c.loss_type, c.time_weighting, c.score_min, c.score_max, c.sft_weight),
+        fn=lambda e, c: gapo_loss(e, c.beta, c.loss_type, c.time_weighting, c.score_min, c.score_max, c.sft_weight,
+                                  c.velocity_weight_cap),
     ),
     "rwr": Objective(
         "rwr", uses_losers=True, needs_reference=False, needs_scores=True,

@@ -11,6 +11,12 @@ With this convention SD1.5/SDXL use β = 5000, which is the same loss as the dif
 β ≈ 100 to 2000 with a CONSTANT β over time; the literal port of eps-DPO, β_t = β (1-t)², is
 offered only as an ablation (``time_weighting='one_minus_t_sq'``) because it reward-hacks.
 
+The converse port, ``time_weighting='velocity'``, measures an eps-prediction model's errors in velocity
+space as Flow-DPO does: β_t = β · min(1/ᾱ_t, cap). An eps error at high noise hides a large x0 error
+(|v - v̂|² = |ε - ε̂|²/ᾱ_t), so constant-β eps-DPO spends its signal on the low-noise steps that refine
+detail, while colour, shape and layout are decided at high noise (BENCHMARKS, "Velocity-weighted
+Diffusion-DPO"). For velocity-target models (v-prediction, flow) the factor is 1, so it equals 'constant'.
+
 The mean over pairs is taken OUTSIDE the log-sigmoid (taking it inside was an early diffusers bug).
 """
 from __future__ import annotations
@@ -42,20 +48,32 @@ class PairErrors:
     t: torch.Tensor
     score_w: torch.Tensor | None = None
     score_l: torch.Tensor | None = None
+    velocity_scale: torch.Tensor | None = None
 
 
-def time_weight(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-pair multiplier of β: 1 (constant) or (1-t)² (the eps-DPO port, ablation only)."""
+TIME_WEIGHTINGS = ("constant", "one_minus_t_sq", "velocity")
+VELOCITY_WEIGHT_CAP = 100.0  # default cap of min(1/ᾱ_t, cap): 1/ᾱ_T is ~200 (SD1.5) to ~2e4 (DDPM linear)
+
+
+def time_weight(errors: PairErrors, kind: str, velocity_cap: float = VELOCITY_WEIGHT_CAP) -> torch.Tensor:
+    """Per-pair multiplier of β, shape [B]: 1 ('constant'), (1-t)² ('one_minus_t_sq', the eps-DPO port to flow,
+    ablation only) or min(velocity_scale, velocity_cap) ('velocity': eps errors measured in velocity space)."""
     if kind == "constant":
-        return torch.ones_like(t)
+        return torch.ones_like(errors.t)
     if kind == "one_minus_t_sq":
-        return (1.0 - t) ** 2
-    raise ValueError(f"unknown time weighting {kind!r}; use 'constant' or 'one_minus_t_sq'")
+        return (1.0 - errors.t) ** 2
+    if kind == "velocity":
+        if errors.velocity_scale is None:
+            raise ValueError("time_weighting='velocity' needs PairErrors.velocity_scale (err_v / err_native per pair; "
+                             "the training loop fills it from adapter.velocity_error_scale)")
+        return errors.velocity_scale.to(errors.t).clamp(max=velocity_cap)
+    raise ValueError(f"unknown time weighting {kind!r}; use one of {TIME_WEIGHTINGS}")
 
 
-def dpo_inside(errors: PairErrors, beta: float, time_weighting: str = "constant") -> torch.Tensor:
+def dpo_inside(errors: PairErrors, beta: float, time_weighting: str = "constant",
+               velocity_cap: float = VELOCITY_WEIGHT_CAP) -> torch.Tensor:
     """The DPO logit per pair, shape [B]: -(β_t/2)[(err_θ(w)-err_ref(w)) - (err_θ(l)-err_ref(l))]."""
-    beta_t = beta * time_weight(errors.t, time_weighting)
+    beta_t = beta * time_weight(errors, time_weighting, velocity_cap)
     delta_w = errors.policy_w - errors.ref_w
     delta_l = errors.policy_l - errors.ref_l
     return -0.5 * beta_t * (delta_w - delta_l)
@@ -88,6 +106,7 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     time_weighting: str = "constant",
     sft_weight: float = 0.0,
+    velocity_cap: float = VELOCITY_WEIGHT_CAP,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Diffusion-/Flow-DPO loss (mean over pairs) and its metrics.
 
@@ -95,7 +114,7 @@ def dpo_loss(
     err_policy_w, err_policy_l, err_ref_w, err_ref_l (and sft when ``sft_weight`` > 0). Implicit
     rewards are -(β_t/2)(err_θ - err_ref) per role, batch means.
     """
-    inside = dpo_inside(errors, beta, time_weighting)
+    inside = dpo_inside(errors, beta, time_weighting, velocity_cap)
     loss = preference_loss(inside, loss_type, beta).mean()
     metrics_sft = {}
     if sft_weight:
@@ -103,7 +122,7 @@ def dpo_loss(
         loss = loss + sft_weight * sft
         metrics_sft["sft"] = sft.item()
     with torch.no_grad():
-        half_beta_t = 0.5 * beta * time_weight(errors.t, time_weighting)
+        half_beta_t = 0.5 * beta * time_weight(errors, time_weighting, velocity_cap)
         reward_w = -(half_beta_t * (errors.policy_w - errors.ref_w)).mean()
         reward_l = -(half_beta_t * (errors.policy_l - errors.ref_l)).mean()
         metrics = {

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.objectives.dpo import PairErrors, dpo_inside, implicit_accuracy, preference_loss, time_weight
+from diffalign.objectives.dpo import (VELOCITY_WEIGHT_CAP, PairErrors, dpo_inside, implicit_accuracy, preference_loss,
+                                      time_weight)
 from diffalign.objectives.samples import require_scores, scaled_scores
 
 _TOL = 1e-6
@@ -65,6 +66,7 @@ def gapo_loss(
     score_min: float = 0.0,
     score_max: float = 1.0,
     sft_weight: float = 0.0,
+    velocity_cap: float = VELOCITY_WEIGHT_CAP,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GAPO loss (per-pair weighted, then the mean over pairs) and its metrics.
 
@@ -77,7 +79,7 @@ def gapo_loss(
     s_w, s_l = scaled_scores(raw_w, score_min, score_max), scaled_scores(raw_l, score_min, score_max)
     check_gapo_scores(s_w, s_l)
     weight = gapo_weights(s_w, s_l)
-    inside = dpo_inside(errors, beta, time_weighting)
+    inside = dpo_inside(errors, beta, time_weighting, velocity_cap)
     loss = (weight * preference_loss(inside, loss_type, beta)).mean()  # weight each pair, THEN average
     extra: dict[str, float] = {}
     if sft_weight:
@@ -85,7 +87,7 @@ def gapo_loss(
         loss = loss + sft_weight * sft
         extra["sft"] = sft.item()
     with torch.no_grad():
-        half_beta_t = 0.5 * beta * time_weight(errors.t, time_weighting)
+        half_beta_t = 0.5 * beta * time_weight(errors, time_weighting, velocity_cap)
         reward_w = -(half_beta_t * (errors.policy_w - errors.ref_w)).mean()
         reward_l = -(half_beta_t * (errors.policy_l - errors.ref_l)).mean()
         metrics = {

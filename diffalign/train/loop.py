@@ -355,14 +355,15 @@ class Trainer:
         # rewards are data: [B] float32 per role, oriented with the pair by the data reader / cache
         score_w = batch["score_w"].to(dev) if "score_w" in batch else None
         score_l = batch["score_l"].to(dev) if "score_l" in batch else None
+        velocity_scale = adapter.velocity_error_scale(t).to(dev)
         if self.objective.uses_losers:
             errors = PairErrors(policy_w=err[:b], policy_l=err[b:],
                                 ref_w=ref_err[:b] if ref_err is not None else None,
                                 ref_l=ref_err[b:] if ref_err is not None else None,
-                                t=adapter.unit_time(t), score_w=score_w, score_l=score_l)
+                                t=adapter.unit_time(t), score_w=score_w, score_l=score_l, velocity_scale=velocity_scale)
         else:
             errors = PairErrors(policy_w=err, policy_l=None, ref_w=ref_err, ref_l=None, t=adapter.unit_time(t),
-                                score_w=score_w, score_l=score_l)
+                                score_w=score_w, score_l=score_l, velocity_scale=velocity_scale)
         loss, metrics = self.objective(errors, self.objective_cfg)
         return loss, {**metrics, **provided}
 
