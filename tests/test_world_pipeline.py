@@ -89,18 +89,27 @@ def test_world_unet_noise_schedules_by_hand():
         world_ddpm_scheduler("cosine")
 
 
-def test_high_noise_weight_is_v_prediction_weighting_capped():
-    """min(1/alpha_bar, cap): |eps - eps_hat|^2 / alpha_bar = |v - v_hat|^2, by hand on one error."""
-    from diffalign.world.pretrain import PretrainConfig, _eps_loss_weights, pretrain
+def test_high_noise_weight_is_v_prediction_weighting_capped(tiny_model):
+    """min(1/alpha_bar, cap) (pretrain's weights: the adapter's velocity_error_scale, clamped):
+    |eps - eps_hat|^2 / alpha_bar = |v - v_hat|^2, by hand on one error."""
+    from diffalign.config import ModelConfig
+    from diffalign.models import load_adapter
+    from diffalign.world.pretrain import PretrainConfig, pretrain
 
-    alpha_bar = torch.tensor([0.9, 0.25, 0.02, 1e-4])
-    assert torch.allclose(_eps_loss_weights(alpha_bar, 100.0), torch.tensor([1 / 0.9, 4.0, 50.0, 100.0]))
+    adapter = load_adapter(ModelConfig(family="sd15", pretrained=str(tiny_model("sd15"))))
+    adapter.alphas_cumprod = torch.tensor([0.9, 0.25, 0.02, 1e-4])  # a hand-made schedule, t = 0..3
+    adapter.num_train_timesteps = 4
+
+    def _eps_loss_weights(t, cap):
+        return adapter.velocity_error_scale(t).clamp(max=cap)
+
+    assert torch.allclose(_eps_loss_weights(torch.arange(4), 100.0), torch.tensor([1 / 0.9, 4.0, 50.0, 100.0]))
     a, s = 0.25 ** 0.5, 0.75 ** 0.5
     x0, eps, eps_hat = torch.tensor([0.3]), torch.tensor([-1.2]), torch.tensor([-0.7])
     x_t = a * x0 + s * eps
     x0_hat = (x_t - s * eps_hat) / a
     v, v_hat = a * eps - s * x0, a * eps_hat - s * x0_hat
-    assert float((v - v_hat) ** 2) == pytest.approx(float(_eps_loss_weights(torch.tensor([0.25]), 1e9) * (eps - eps_hat) ** 2))
+    assert float((v - v_hat) ** 2) == pytest.approx(float(_eps_loss_weights(torch.tensor([1]), 1e9) * (eps - eps_hat) ** 2))
     with pytest.raises(ValueError, match="high_noise_weight"):
         pretrain(PretrainConfig(kind="flow", high_noise_weight=10.0), "unused", show_progress=False)
 

@@ -42,7 +42,7 @@ class PretrainConfig:
     init_from: str = ""             # continue from a world pipeline folder (its VAE is kept, not retrained)
     # unet only (BENCHMARKS, "The UNet ignores position words"): its DDPM betas, scaled_linear (SD1.5's, the bundled
     # model's) | linear (terminal signal 0.0066 instead of 0.068; see generators.world_ddpm_scheduler); the eps loss
-    # weighted by min(1/alpha_bar_t, high_noise_weight) (1 = plain; see _eps_loss_weights); levels 2 | 3 (down to 4x4)
+    # weighted by min(1/alpha_bar_t, high_noise_weight) (1 = plain; FamilyAdapter.velocity_error_scale); levels 2 | 3 (down to 4x4)
     noise_schedule: str = "scaled_linear"
     high_noise_weight: float = 1.0
     unet_levels: int = 2
@@ -197,7 +197,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
         pred = adapter.predict(adapter.denoiser, adapter.add_noise(x0, eps, t), t, text)
         per_sample = (pred.float() - adapter.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)
         if cfg.high_noise_weight != 1:
-            per_sample = per_sample * _eps_loss_weights(adapter.alphas_cumprod.to(device)[t], cfg.high_noise_weight)
+            # min(1/alpha_bar_t, cap): v-prediction's weighting of the same error, capped (its variance near t = T).
+            # Position is decided at high noise, where the plain eps loss barely notices a wrong image.
+            per_sample = per_sample * adapter.velocity_error_scale(t).to(device).clamp(max=cfg.high_noise_weight)
         loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -220,18 +222,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, show_progress: bool = Tru
     (out_dir / "pretrain.json").write_text(json.dumps(record, indent=2))
     write_model_card(out_dir, record)
     return record
-
-
-def _eps_loss_weights(alpha_bar: torch.Tensor, cap: float) -> torch.Tensor:
-    """Per-sample weights min(1/alpha_bar_t, cap) on the eps loss.
-
-    An eps error d is an x0 error d * sqrt((1 - alpha_bar) / alpha_bar): at high noise the plain eps loss
-    barely notices a wrong image. That is where the object's position is decided (later, x_t already
-    shows it), so an eps UNet trained on the plain loss never learns position words (measured: the same
-    loss with every caption's position swapped, at every t). 1/alpha_bar_t is v-prediction's weighting of
-    the same error (|v - v_hat|^2 = |eps - eps_hat|^2 / alpha_bar_t); ``cap`` bounds its variance near t = T.
-    """
-    return torch.clamp(1.0 / alpha_bar.float(), max=cap)
 
 
 def _vae_steps(record: dict) -> str:
