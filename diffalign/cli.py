@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the bundled eps UNet; video: Flow-DPO on the bundled Wan-style video transformer (video world)")
     p.add_argument("--out", default=None, help="output folder (default runs/demo-<family>)")
     p.add_argument("--quick", action="store_true", help="a few prompts and steps: checks the path, not the effect")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="DPO rounds (iterated DPO: round r >= 2 samples new pairs from round r-1's fused model and "
+                        "uses it as the reference); default 2 for unet, 1 for flow and video")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the world-<family>-dpo recipe")
     p.add_argument("--no-progress", action="store_true")
 
@@ -258,7 +261,8 @@ def cmd_demo(args) -> int:
 
     _quiet_libraries()
     out = args.out or f"runs/demo-{args.family}"
-    r = run_demo(args.family, out, quick=args.quick, overrides=args.overrides, show_progress=not args.no_progress)
+    r = run_demo(args.family, out, quick=args.quick, overrides=args.overrides, show_progress=not args.no_progress,
+                 rounds=args.rounds)
     rows = [("overall", r["oracle_before"], r["oracle_after"])] + [
         (d, v["before"], v["after"]) for d, v in r["per_dimension"].items()]
     lines = ["", f"== diffalign demo ({r['objective']}, {r['family']}): held-out prompts, oracle scores ==",
@@ -274,11 +278,15 @@ def cmd_demo(args) -> int:
         u = r["unseen_combinations"]
         lines.append(f"{r['unseen_what']}: win rate {u['win_rate']:.3f}, gain {u['gain']:+.3f}, "
                      f"p = {u['p_value']:.2g} (n={u['n']})")
-    lines.append(f"pairs {r['pairs']['pairs']} from {r['prompts_train']} prompts, {r['steps']} DPO steps, "
+    rounds = r["rounds"]
+    per_round = (f" in {len(rounds)} rounds (round r >= 2: new pairs from the previous round's model, which is "
+                 f"also its DPO reference)" if len(rounds) > 1 else "")
+    lines.append(f"pairs {r['pairs']['pairs']} from {r['prompts_train']} prompts, {r['steps']} DPO steps{per_round}, "
                  f"{r['seconds']:.0f}s")
     grid = (f"samples.png (frame strips: each base clip above its aligned clip)  {out}/samples.gif"
             if r["family"] == "video" else "samples.png (top: base, bottom: aligned)")
     lines.append(f"outputs  {out}/report.json  {out}/{grid}  {out}/reward_curve.png")
+    lines.append(f"aligned  LoRA {r['outputs']['lora']} on the model {r['outputs']['lora_applies_to']}")
     print("\n".join(lines))
     return 0
 

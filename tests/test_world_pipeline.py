@@ -216,7 +216,15 @@ def test_quick_demo_writes_a_well_formed_report(pretrained_tiny, tmp_path):
     for key in ("objective", "family", "steps", "prompts_heldout", "oracle_before", "oracle_after", "win_rate",
                 "per_dimension"):
         assert key in report, key
-    assert report["objective"] == "diffusion-dpo" and report["steps"] == 4 and report["prompts_heldout"] == 8
+    assert report["objective"] == "diffusion-dpo" and report["prompts_heldout"] == 8
+    # the unet demo runs two DPO rounds; round 2 trains on pairs from round 1's fused model, saved as a folder
+    rounds = report["rounds"]
+    assert [r["steps"] for r in rounds] == [4, 4] and report["steps"] == 8
+    assert rounds[0]["model"] == str(folder)
+    start_model = tmp_path / "demo" / "round2" / "start-model"
+    assert rounds[1]["model"] == str(start_model) and report["outputs"]["lora_applies_to"] == str(start_model)
+    assert (tmp_path / "demo" / "pairs.parquet").exists() and (tmp_path / "demo" / "round2" / "pairs.parquet").exists()
+    assert [step for step, _ in report["reward_curve"]][-1] == 8
     assert 0.0 <= report["win_rate"] <= 1.0 and set(report["per_dimension"]) == {"color", "shape", "background", "layout"}
     assert report["base_reproduced_with_adapters_disabled"], "adapters disabled must give the base model's samples"
     assert json.loads((tmp_path / "demo" / "report.json").read_text())["win_rate"] == report["win_rate"]
@@ -226,6 +234,37 @@ def test_quick_demo_writes_a_well_formed_report(pretrained_tiny, tmp_path):
     assert grid.size[1] == (2 * 32 + 2) * 3
     assert Image.open(tmp_path / "demo" / "reward_curve.png").size[0] > 100
     assert len(report["reward_curve"]) >= 1
+
+
+def test_fused_round_model_samples_what_the_lora_samples(pretrained_tiny, tmp_path):
+    """fuse_lora_into_folder (the demo's round r -> r+1 hand-over) saves a loadable pipeline whose samples equal
+    the base + LoRA samples, and which differs from the base (the LoRA is really fused)."""
+    import torch
+    from diffalign.config import load_config
+    from diffalign.models import load_adapter
+    from diffalign.samplers.api import load_lora
+    from diffalign.world.demo import fuse_lora_into_folder
+    from diffalign.world.pairs import generate
+
+    folder = pretrained_tiny["unet"][0]
+    cfg = load_config("world-unet-dpo", [f"model.pretrained={folder}"])
+    adapter = load_adapter(cfg.model)
+    lora_dir = tmp_path / "lora"
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    adapter.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    adapter.save_lora(adapter.denoiser, str(lora_dir))
+    caps, seeds = ["a small red circle on a blue background"] * 2, [1, 2]
+    base = load_adapter(cfg.model)
+    base_images = generate(base.pipe, caps, seeds, steps=4)
+    load_lora(base, str(lora_dir))
+    lora_images = generate(base.pipe, caps, seeds, steps=4)
+    fuse_lora_into_folder(cfg, lora_dir, tmp_path / "fused")
+    fused = load_adapter(load_config("world-unet-dpo", [f"model.pretrained={tmp_path / 'fused'}"]).model)
+    fused_images = generate(fused.pipe, caps, seeds, steps=4)
+    assert np.abs(fused_images.astype(int) - lora_images).max() <= 1
+    assert np.abs(base_images.astype(int) - lora_images).max() > 5
 
 
 @pytest.mark.parametrize("kind,family", [("unet", "sd15"), ("flow", "sd3")])
