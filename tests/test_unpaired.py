@@ -103,6 +103,30 @@ def test_bad_label_names_file_row_column_and_fix(tmp_path):
         load_unpaired_source(str(write_parquet(tmp_path / "none.parquet", ["?", "?"])), on_error="skip")
 
 
+def test_jsonl_lines_that_are_not_objects_are_bad_rows_named_by_line(tmp_path):
+    """The JSON-lines reader both loaders share: blank lines are not rows, broken ones are bad rows by line number."""
+    from diffalign.data.preference import load_preference_source
+
+    (tmp_path / "img.jpg").write_bytes(jpg("red"))
+    good = json.dumps({"image": "img.jpg", "caption": "c", "label": 1})
+    path = tmp_path / "u.jsonl"
+    path.write_text(good + "\n\n{not json\n[1, 2]\n" + good + "\n")
+    with pytest.raises(DataError, match=r"row 1: invalid JSON on line 3"):
+        load_unpaired_source(str(path))
+    src = load_unpaired_source(str(path), on_error="skip")
+    assert len(src) == 2 and src.counts.rows == 4
+    assert [(row, reason.split(" (")[0]) for row, reason in src.counts.skipped] == [
+        (1, "invalid JSON on line 3"), (2, "expected a JSON object on line 4, got list")]
+    assert len(load_unpaired_source(str(path), max_samples=1)) == 1  # stops before the broken lines
+
+    pairs = tmp_path / "p.jsonl"
+    pair = json.dumps({"jpg_0": "img.jpg", "jpg_1": "img.jpg", "label_0": 1, "caption": "c"})
+    pairs.write_text(pair + "\n[1]\n" + pair + "\n")
+    with pytest.raises(DataError, match=r"row 1: expected a JSON object on line 2, got list"):
+        load_preference_source(str(pairs))
+    assert load_preference_source(str(pairs), on_error="skip").counts.pairs == 2
+
+
 def test_kind_is_detected_from_the_columns(tmp_path):
     from diffalign.data.preference import load_preference_source
 

@@ -92,18 +92,17 @@ class SourceCounts:
 
 
 @dataclass
-class PreferenceSource:
-    """The usable pairs of one source, with counts and a content fingerprint.
+class RowSource:
+    """What every loaded data source shares: its name, usable records, counts, content fingerprint and parts.
 
     ``fingerprint`` is a sha256 hex digest over every row read (caption, raw labels, image bytes, or
     path + size + mtime for file images): stable across runs, changed by any data change. It keys
     the latent cache. ``parts`` lists ``(file, first_row)`` for multi-file sources (for messages).
     """
 
-    kind: ClassVar[str] = "pairs"  # vs "unpaired" (diffalign.data.unpaired.LabelledImageSource)
     name: str
-    records: list[PairRecord]
-    counts: SourceCounts
+    records: list
+    counts: Any  # SourceCounts / SampleCounts: .rows and .skipped at least
     fingerprint: str
     parts: tuple[tuple[str, int], ...] = ()
 
@@ -114,15 +113,28 @@ class PreferenceSource:
         """The source label used in messages about ``row`` (names the file for multi-file sources)."""
         return _describe(self.name, self.parts, row)
 
+    def _skipped_text(self) -> str:
+        skipped = self.counts.skipped
+        text = f"{len(skipped)} bad rows skipped"
+        if skipped:
+            row, reason = skipped[0]
+            text += f" (first: row {row}: {reason})"
+        return text
+
+
+@dataclass
+class PreferenceSource(RowSource):
+    """The usable pairs of one source (``records``: PairRecord, ``counts``: SourceCounts)."""
+
+    kind: ClassVar[str] = "pairs"  # vs "unpaired" (diffalign.data.unpaired.LabelledImageSource)
+    records: list[PairRecord]
+    counts: SourceCounts
+
     def summary(self) -> str:
         """One line for logs: rows read, pairs kept, ties dropped, bad rows skipped."""
         c = self.counts
-        text = (f"{self.name}: {c.rows} rows read, {c.pairs} pairs kept, {c.ties_dropped} ties dropped, "
-                f"{len(c.skipped)} bad rows skipped")
-        if c.skipped:
-            row, reason = c.skipped[0]
-            text += f" (first: row {row}: {reason})"
-        return text
+        return (f"{self.name}: {c.rows} rows read, {c.pairs} pairs kept, {c.ties_dropped} ties dropped, "
+                + self._skipped_text())
 
 
 def _describe(name: str, parts: tuple[tuple[str, int], ...] | list[tuple[str, int]], row: int) -> str:
@@ -343,6 +355,44 @@ class _RowBuilder:
         _hash_field(self.hash, b"R", row.to_bytes(8, "little"))
         _hash_field(self.hash, b"Z", raw.encode("utf-8", "replace"))
         self._bad(row, reason)
+
+    def jsonl_records(self, file: Path) -> Iterator[dict[str, Any]]:
+        """The JSON objects of a JSON-lines file, one per non-blank line, until the record limit is reached.
+
+        A line that is not a JSON object is a bad row (raised or skipped and counted, per ``on_error``), named by
+        its 1-based line number."""
+        with open(file, encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if self.full:
+                    return
+                if not line.strip():
+                    continue  # blank lines are not rows
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    self.bad_raw(line, f"invalid JSON on line {line_no} ({exc.msg} at column {exc.colno})")
+                    continue
+                if not isinstance(obj, dict):
+                    self.bad_raw(line, f"expected a JSON object on line {line_no}, got {type(obj).__name__}")
+                    continue
+                yield obj
+
+
+def load_saved_dataset(folder: Path, split: str) -> Any:
+    """The ``split`` of a ``datasets`` save_to_disk folder (a Dataset, or one split of a DatasetDict)."""
+    import datasets
+
+    try:
+        obj = datasets.load_from_disk(str(folder))
+    except Exception as exc:
+        raise DataError(f"{folder}: looks like a datasets save_to_disk folder but could not be loaded "
+                        f"({type(exc).__name__}: {exc}).") from None
+    if isinstance(obj, datasets.DatasetDict):
+        if split not in obj:
+            raise DataError(f"{folder}: split {split!r} not found; splits present: {', '.join(obj.keys())}. "
+                            "Set data.split.")
+        obj = obj[split]
+    return obj
 
 
 class _Builder(_RowBuilder):
@@ -576,47 +626,22 @@ def _read_dataset(b: _Builder, ds: Any, caption_column: str, base_dir: Path | No
 
 
 def _load_datasets_folder(b: _Builder, folder: Path, split: str, caption_column: str) -> None:
-    import datasets
-
-    try:
-        obj = datasets.load_from_disk(str(folder))
-    except Exception as exc:
-        raise DataError(f"{folder}: looks like a datasets save_to_disk folder but could not be loaded "
-                        f"({type(exc).__name__}: {exc}).") from None
-    if isinstance(obj, datasets.DatasetDict):
-        if split not in obj:
-            raise DataError(f"{folder}: split {split!r} not found; splits present: {', '.join(obj.keys())}. "
-                            "Set data.split.")
-        obj = obj[split]
-    _read_dataset(b, obj, caption_column, folder)
+    _read_dataset(b, load_saved_dataset(folder, split), caption_column, folder)
 
 
 def _load_jsonl(b: _Builder, file: Path, caption_column: str) -> None:
     images: tuple[str, str] | None = None
     has_label_1 = False
-    with open(file, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh):
-            if b.full:
-                return
-            if not line.strip():
-                continue  # blank lines are not rows
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                b.bad_raw(line, f"invalid JSON on line {line_no + 1} ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(obj, dict):
-                b.bad_raw(line, f"expected a JSON object on line {line_no + 1}, got {type(obj).__name__}")
-                continue
-            if images is None:  # the first record defines the columns
-                images, has_label_1 = _columns(str(file), list(obj.keys()), caption_column)
-                _check_score_columns(str(file), list(obj.keys()), b.score_columns)
-            sc = b.score_columns
-            b.add(obj.get(caption_column, _ABSENT), obj.get("label_0", _ABSENT),
-                  obj.get("label_1", _ABSENT) if has_label_1 else _ABSENT,
-                  obj.get(images[0], _ABSENT), obj.get(images[1], _ABSENT), images, file.parent,
-                  scores=(obj.get(sc[0], _ABSENT), obj.get(sc[1], _ABSENT)) if sc else None)
-    if images is None:
+    sc = b.score_columns
+    for obj in b.jsonl_records(file):
+        if images is None:  # the first record defines the columns
+            images, has_label_1 = _columns(str(file), list(obj.keys()), caption_column)
+            _check_score_columns(str(file), list(obj.keys()), sc)
+        b.add(obj.get(caption_column, _ABSENT), obj.get("label_0", _ABSENT),
+              obj.get("label_1", _ABSENT) if has_label_1 else _ABSENT,
+              obj.get(images[0], _ABSENT), obj.get(images[1], _ABSENT), images, file.parent,
+              scores=(obj.get(sc[0], _ABSENT), obj.get(sc[1], _ABSENT)) if sc else None)
+    if images is None and not b.full:
         raise DataError(f"{file}: no JSON records found. Write one object per line with jpg_0/jpg_1 "
                         f"(or image_0/image_1) paths, label_0 and {caption_column!r}.")
 

@@ -39,8 +39,8 @@ from typing import Any, ClassVar, Iterable, Iterator
 import torch
 
 from diffalign.data.preference import (
-    _ABSENT, _BATCH_ROWS, _IMAGE_COLUMN_PAIRS, DataError, _describe, _hash_field, _parquet_files, _RowBuilder,
-    _resolve_image, dataset_key, decode_image, is_video_ref,
+    _ABSENT, _BATCH_ROWS, _IMAGE_COLUMN_PAIRS, DataError, _hash_field, _parquet_files, _RowBuilder,
+    _resolve_image, RowSource, dataset_key, decode_image, is_video_ref, load_saved_dataset,
 )
 from diffalign.data.transforms import JointTransform, pair_generator
 
@@ -105,23 +105,13 @@ class SampleCounts:
 
 
 @dataclass
-class LabelledImageSource:
-    """The usable labelled images of one unpaired source, with counts and a content fingerprint (sha256 over every
-    row read: caption, raw label, image bytes or path + size + mtime; it keys the latent cache)."""
+class LabelledImageSource(RowSource):
+    """The usable labelled images of one unpaired source (``records``: SampleRecord, ``counts``: SampleCounts), with
+    the content fingerprint described on :class:`RowSource` (it keys the latent cache)."""
 
     kind: ClassVar[str] = UNPAIRED
-    name: str
     records: list[SampleRecord]
     counts: SampleCounts
-    fingerprint: str
-    parts: tuple[tuple[str, int], ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def describe(self, row: int) -> str:
-        """The source label used in messages about ``row`` (names the file for multi-file sources)."""
-        return _describe(self.name, self.parts, row)
 
     def count_dict(self) -> dict[str, int]:
         """{rows, samples, desirable, undesirable, skipped}: the run summary's data counts."""
@@ -132,12 +122,8 @@ class LabelledImageSource:
     def summary(self) -> str:
         """One line for logs: rows read, images kept per class, bad rows skipped."""
         c = self.counts
-        text = (f"{self.name}: {c.rows} rows read, {c.samples} labelled images kept ({c.desirable} desirable, "
-                f"{c.undesirable} undesirable), {len(c.skipped)} bad rows skipped")
-        if c.skipped:
-            row, reason = c.skipped[0]
-            text += f" (first: row {row}: {reason})"
-        return text
+        return (f"{self.name}: {c.rows} rows read, {c.samples} labelled images kept ({c.desirable} desirable, "
+                f"{c.undesirable} undesirable), " + self._skipped_text())
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,14 +290,7 @@ def _load_parquet(b: _SampleBuilder, files: list[Path]) -> None:
 
 
 def _load_datasets_folder(b: _SampleBuilder, folder: Path, split: str) -> None:
-    import datasets
-
-    obj = datasets.load_from_disk(str(folder))
-    if isinstance(obj, datasets.DatasetDict):
-        if split not in obj:
-            raise DataError(f"{folder}: split {split!r} not found; splits present: {', '.join(obj.keys())}. "
-                            "Set data.split.")
-        obj = obj[split]
+    obj = load_saved_dataset(folder, split)
     image = _image_column(str(folder), list(obj.column_names), b.caption_column, b.label_column)
     wanted = list(dict.fromkeys([image, b.caption_column, b.label_column]))
     table = obj.select_columns(wanted).with_format("arrow")  # never decodes an Image feature: {"bytes", "path"}
@@ -321,24 +300,11 @@ def _load_datasets_folder(b: _SampleBuilder, folder: Path, split: str) -> None:
 
 def _load_jsonl(b: _SampleBuilder, file: Path) -> None:
     image: str | None = None
-    with open(file, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh):
-            if b.full:
-                return
-            if not line.strip():
-                continue  # blank lines are not rows
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                b.bad_raw(line, f"invalid JSON on line {line_no + 1} ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(obj, dict):
-                b.bad_raw(line, f"expected a JSON object on line {line_no + 1}, got {type(obj).__name__}")
-                continue
-            if image is None:  # the first record defines the columns
-                image = _image_column(str(file), list(obj), b.caption_column, b.label_column)
-            b.add(obj.get(b.caption_column, _ABSENT), obj.get(b.label_column, _ABSENT), obj.get(image, _ABSENT),
-                  image, file.parent)
+    for obj in b.jsonl_records(file):
+        if image is None:  # the first record defines the columns
+            image = _image_column(str(file), list(obj), b.caption_column, b.label_column)
+        b.add(obj.get(b.caption_column, _ABSENT), obj.get(b.label_column, _ABSENT), obj.get(image, _ABSENT),
+              image, file.parent)
 
 
 def _load_csv(b: _SampleBuilder, file: Path) -> None:
