@@ -100,6 +100,34 @@ def implicit_accuracy(inside: torch.Tensor) -> torch.Tensor:
     return (inside > 0).float().mean() + 0.5 * (inside == 0).float().mean()
 
 
+def add_sft(loss: torch.Tensor, errors: PairErrors, sft_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """``loss + sft_weight * mean(err_θ(winner))`` and its {"sft": ...} metric; unchanged when the weight is 0."""
+    if not sft_weight:
+        return loss, {}
+    sft = errors.policy_w.mean()
+    return loss + sft_weight * sft, {"sft": sft.item()}
+
+
+@torch.no_grad()
+def dpo_pair_metrics(errors: PairErrors, inside: torch.Tensor, beta: float, time_weighting: str = "constant",
+                     velocity_cap: float = VELOCITY_WEIGHT_CAP) -> dict[str, float]:
+    """The metrics every DPO-style objective reports: implicit_acc, reward_w, reward_l, reward_margin (implicit
+    rewards -(β_t/2)(err_θ - err_ref) per role, batch means) and err_policy_w/l, err_ref_w/l (batch means)."""
+    half_beta_t = 0.5 * beta * time_weight(errors, time_weighting, velocity_cap)
+    reward_w = -(half_beta_t * (errors.policy_w - errors.ref_w)).mean()
+    reward_l = -(half_beta_t * (errors.policy_l - errors.ref_l)).mean()
+    return {
+        "implicit_acc": implicit_accuracy(inside).item(),
+        "reward_w": reward_w.item(),
+        "reward_l": reward_l.item(),
+        "reward_margin": (reward_w - reward_l).item(),
+        "err_policy_w": errors.policy_w.mean().item(),
+        "err_policy_l": errors.policy_l.mean().item(),
+        "err_ref_w": errors.ref_w.mean().item(),
+        "err_ref_l": errors.ref_l.mean().item(),
+    }
+
+
 def dpo_loss(
     errors: PairErrors,
     beta: float,
@@ -115,26 +143,7 @@ def dpo_loss(
     rewards are -(β_t/2)(err_θ - err_ref) per role, batch means.
     """
     inside = dpo_inside(errors, beta, time_weighting, velocity_cap)
-    loss = preference_loss(inside, loss_type, beta).mean()
-    metrics_sft = {}
-    if sft_weight:
-        sft = errors.policy_w.mean()
-        loss = loss + sft_weight * sft
-        metrics_sft["sft"] = sft.item()
-    with torch.no_grad():
-        half_beta_t = 0.5 * beta * time_weight(errors, time_weighting, velocity_cap)
-        reward_w = -(half_beta_t * (errors.policy_w - errors.ref_w)).mean()
-        reward_l = -(half_beta_t * (errors.policy_l - errors.ref_l)).mean()
-        metrics = {
-            "loss": loss.item(),
-            "implicit_acc": implicit_accuracy(inside).item(),
-            "reward_w": reward_w.item(),
-            "reward_l": reward_l.item(),
-            "reward_margin": (reward_w - reward_l).item(),
-            "err_policy_w": errors.policy_w.mean().item(),
-            "err_policy_l": errors.policy_l.mean().item(),
-            "err_ref_w": errors.ref_w.mean().item(),
-            "err_ref_l": errors.ref_l.mean().item(),
-            **metrics_sft,
-        }
+    loss, metrics_sft = add_sft(preference_loss(inside, loss_type, beta).mean(), errors, sft_weight)
+    metrics = {"loss": loss.item(), **dpo_pair_metrics(errors, inside, beta, time_weighting, velocity_cap),
+               **metrics_sft}
     return loss, metrics

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.objectives.dpo import (VELOCITY_WEIGHT_CAP, PairErrors, dpo_inside, implicit_accuracy, preference_loss,
-                                      time_weight)
+from diffalign.objectives.dpo import (VELOCITY_WEIGHT_CAP, PairErrors, add_sft, dpo_inside, dpo_pair_metrics,
+                                      preference_loss)
 from diffalign.objectives.samples import require_scores, scaled_scores
 
 _TOL = 1e-6
@@ -81,28 +81,13 @@ def gapo_loss(
     weight = gapo_weights(s_w, s_l)
     inside = dpo_inside(errors, beta, time_weighting, velocity_cap)
     loss = (weight * preference_loss(inside, loss_type, beta)).mean()  # weight each pair, THEN average
-    extra: dict[str, float] = {}
-    if sft_weight:
-        sft = errors.policy_w.mean()
-        loss = loss + sft_weight * sft
-        extra["sft"] = sft.item()
-    with torch.no_grad():
-        half_beta_t = 0.5 * beta * time_weight(errors, time_weighting, velocity_cap)
-        reward_w = -(half_beta_t * (errors.policy_w - errors.ref_w)).mean()
-        reward_l = -(half_beta_t * (errors.policy_l - errors.ref_l)).mean()
-        metrics = {
-            "loss": loss.item(),
-            "implicit_acc": implicit_accuracy(inside).item(),
-            "gapo_weight": weight.mean().item(),
-            "reward_w": reward_w.item(),
-            "reward_l": reward_l.item(),
-            "reward_margin": (reward_w - reward_l).item(),
-            "score_w": s_w.mean().item(),
-            "score_l": s_l.mean().item(),
-            "err_policy_w": errors.policy_w.mean().item(),
-            "err_policy_l": errors.policy_l.mean().item(),
-            "err_ref_w": errors.ref_w.mean().item(),
-            "err_ref_l": errors.ref_l.mean().item(),
-            **extra,
-        }
+    loss, extra = add_sft(loss, errors, sft_weight)
+    metrics = {
+        "loss": loss.item(),
+        "gapo_weight": weight.mean().item(),
+        "score_w": s_w.mean().item(),
+        "score_l": s_l.mean().item(),
+        **dpo_pair_metrics(errors, inside, beta, time_weighting, velocity_cap),
+        **extra,
+    }
     return loss, metrics
