@@ -127,6 +127,16 @@ def test_jsonl_lines_that_are_not_objects_are_bad_rows_named_by_line(tmp_path):
     assert load_preference_source(str(pairs), on_error="skip").counts.pairs == 2
 
 
+def test_a_broken_save_to_disk_folder_is_named_by_both_loaders(tmp_path):
+    from diffalign.data.filter_cli import _open_rows
+    from diffalign.data.preference import load_preference_source
+
+    (tmp_path / "dataset_dict.json").write_text('{"splits": ["train"]}')  # the marker file, but no split folder
+    for load in (load_unpaired_source, load_preference_source, lambda spec: _open_rows(spec, "train")):
+        with pytest.raises(DataError, match=r"looks like a datasets save_to_disk folder but could not be loaded"):
+            load(str(tmp_path))
+
+
 def test_kind_is_detected_from_the_columns(tmp_path):
     from diffalign.data.preference import load_preference_source
 

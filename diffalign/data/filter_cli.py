@@ -317,16 +317,12 @@ def _atomic(out: Path, write) -> None:
 
 def _open_rows(spec: str, split: str) -> _RawRows:
     """The raw rows of a local source, numbered as load_preference_source numbers them."""
-    from diffalign.data.preference import DataError, _parquet_files
+    from diffalign.data.preference import DataError, _parquet_files, is_saved_dataset_folder, load_saved_dataset
 
     p = Path(spec).expanduser()
     if p.is_dir():
-        if (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file()):
-            import datasets
-
-            obj = datasets.load_from_disk(str(p))
-            if isinstance(obj, datasets.DatasetDict):
-                obj = obj[split]
+        if is_saved_dataset_folder(p):
+            obj = load_saved_dataset(p, split)
             table = obj.with_format("arrow")[:]  # honours any select()/shuffle() index mapping
             return _ArrowRows([(str(p), table)], list(table.column_names), [table.num_rows])
         files = _parquet_files(p, split)

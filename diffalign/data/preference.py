@@ -378,6 +378,12 @@ class _RowBuilder:
                 yield obj
 
 
+def is_saved_dataset_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a ``datasets`` save_to_disk folder (a DatasetDict, or one Dataset)."""
+    return (folder / "dataset_dict.json").is_file() or ((folder / "state.json").is_file()
+                                                      and (folder / "dataset_info.json").is_file())
+
+
 def load_saved_dataset(folder: Path, split: str) -> Any:
     """The ``split`` of a ``datasets`` save_to_disk folder (a Dataset, or one split of a DatasetDict)."""
     import datasets
@@ -775,7 +781,7 @@ def load_preference_source(path: str, *, split: str = "train", caption_column: s
 
     p = Path(spec).expanduser()
     if p.is_dir():
-        if (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file()):
+        if is_saved_dataset_folder(p):
             _load_datasets_folder(b, p, split, caption_column)
         else:
             files = _parquet_files(p, split)

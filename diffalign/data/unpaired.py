@@ -40,7 +40,8 @@ import torch
 
 from diffalign.data.preference import (
     _ABSENT, _BATCH_ROWS, _IMAGE_COLUMN_PAIRS, DataError, _hash_field, _parquet_files, _RowBuilder,
-    _resolve_image, RowSource, dataset_key, decode_image, is_video_ref, load_saved_dataset,
+    _resolve_image, RowSource, dataset_key, decode_image, is_saved_dataset_folder, is_video_ref,
+    load_saved_dataset,
 )
 from diffalign.data.transforms import JointTransform, pair_generator
 
@@ -153,8 +154,7 @@ def _column_names(spec: str, split: str) -> list[str] | None:
                     return [c for c in (next(csv.reader(fh), None) or []) if c is not None]
             return None
         if p.is_dir():
-            if (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file()
-                                                       and (p / "dataset_info.json").is_file()):
+            if is_saved_dataset_folder(p):
                 import datasets
 
                 obj = datasets.load_from_disk(str(p))
@@ -338,7 +338,7 @@ def load_unpaired_source(path: str, *, split: str = "train", caption_column: str
                        max_samples=None if max_samples is None else int(max_samples))
     p = Path(spec).expanduser()
     if p.is_dir():
-        if (p / "dataset_dict.json").is_file() or ((p / "state.json").is_file() and (p / "dataset_info.json").is_file()):
+        if is_saved_dataset_folder(p):
             _load_datasets_folder(b, p, split)
         else:
             files = _parquet_files(p, split)
