@@ -230,10 +230,20 @@ def test_quick_demo_writes_a_well_formed_report(pretrained_tiny, tmp_path):
     assert json.loads((tmp_path / "demo" / "report.json").read_text())["win_rate"] == report["win_rate"]
     from PIL import Image
 
-    grid = Image.open(tmp_path / "demo" / "samples.png")
-    assert grid.size[1] == (2 * 32 + 2) * 3
+    grid = Image.open(tmp_path / "demo" / "samples.png")  # labelled figure: one column per sample, two rows
+    n = min(12, report["samples_heldout"])
+    assert grid.size == (round((1.25 * n + 0.6) * 110), round(3.6 * 110))
     assert Image.open(tmp_path / "demo" / "reward_curve.png").size[0] > 100
     assert len(report["reward_curve"]) >= 1
+
+
+def test_grid_score_labels_show_the_change_against_the_same_seed_base_sample():
+    from diffalign.world.demo import score_label
+
+    assert score_label(0.7) == ("0.70", "black")
+    assert score_label(0.62, 0.57) == ("0.62 (+0.05)", "tab:green")
+    assert score_label(0.50, 0.61) == ("0.50 (-0.11)", "tab:red")
+    assert score_label(0.500, 0.502) == ("0.50 (-0.00)", "grey")  # within half a hundredth: no colour claim
 
 
 def test_fused_round_model_samples_what_the_lora_samples(pretrained_tiny, tmp_path):

@@ -136,12 +136,56 @@ def _upscale(image: np.ndarray, scale: int) -> np.ndarray:
     return np.repeat(np.repeat(image, scale, axis=-3), scale, axis=-2)  # nearest neighbour: pixels stay pixels
 
 
-def save_grid(base: np.ndarray, aligned: np.ndarray, path: Path, columns: int = 12, scale: int = 3) -> None:
-    """Base samples above aligned samples with the same seeds.
+def score_label(score: float, reference: float | None = None) -> tuple[str, str]:
+    """(text, colour) under a grid sample: its oracle score, and for an aligned sample the change against the base
+    sample of the same prompt and seed, green when it went up, red when it went down, grey when it stayed."""
+    if reference is None:
+        return f"{score:.2f}", "black"
+    delta = score - reference
+    colour = "grey" if abs(delta) < 0.005 else ("tab:green" if delta > 0 else "tab:red")
+    return f"{score:.2f} ({delta:+.2f})", colour
 
-    Images [N, H, W, 3]: two rows of the first ``columns`` samples. Clips [N, F, H, W, 3]: frame strips
-    (frames left to right), each of the first ``columns // 2`` base clips above its aligned clip; and
-    beside it ``path`` with suffix ``.gif`` plays the first ``columns`` clips as the image grid does.
+
+def _save_labelled_grid(base: np.ndarray, aligned: np.ndarray, captions: list[str], base_scores: np.ndarray,
+                        aligned_scores: np.ndarray, path: Path) -> None:
+    """Images [n, H, W, 3]: base row above aligned row, each column titled with its caption, each sample labelled
+    with its oracle score (and the aligned one with its change), drawn pixel-exact (nearest neighbour)."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(base)
+    fig, axes = plt.subplots(2, n, figsize=(1.25 * n + 0.6, 3.6), dpi=110, squeeze=False)
+    for j in range(n):
+        axes[0, j].set_title(textwrap.fill(captions[j], 18), fontsize=6)
+        for i, (images, label) in enumerate(((base, score_label(base_scores[j])),
+                                             (aligned, score_label(aligned_scores[j], base_scores[j])))):
+            ax = axes[i, j]
+            ax.imshow(images[j], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(label[0], fontsize=7, color=label[1])
+    axes[0, 0].set_ylabel("base", fontsize=9)
+    axes[1, 0].set_ylabel("aligned", fontsize=9)
+    fig.suptitle("held-out prompts, same seed per column; oracle overall under each sample", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_grid(base: np.ndarray, aligned: np.ndarray, path: Path, columns: int = 12, scale: int = 3,
+              captions: list[str] | None = None, base_scores: np.ndarray | None = None,
+              aligned_scores: np.ndarray | None = None) -> None:
+    """Base samples above aligned samples with the same seeds (the first ``columns`` samples, not picked).
+
+    Images [N, H, W, 3]: with ``captions`` and the per-sample oracle scores ([N] each), a labelled figure (caption
+    over each column, score under each sample, the aligned sample's change coloured); without them, the bare
+    pixel tiles upscaled ``scale`` times. Clips [N, F, H, W, 3]: frame strips (frames left to right), each of the
+    first ``columns // 2`` base clips above its aligned clip; and beside it ``path`` with suffix ``.gif`` plays the
+    first ``columns`` clips as the image grid does.
     """
     from PIL import Image
 
@@ -157,6 +201,9 @@ def save_grid(base: np.ndarray, aligned: np.ndarray, path: Path, columns: int = 
         write_video(path.with_suffix(".gif"), np.stack(frames), VIDEO_GEN_FPS)
         return
     n = min(columns, len(base))
+    if captions is not None and base_scores is not None and aligned_scores is not None:
+        _save_labelled_grid(base[:n], aligned[:n], captions[:n], base_scores[:n], aligned_scores[:n], path)
+        return
     Image.fromarray(_upscale(_tile(np.stack([base[:n], aligned[:n]])), scale)).save(path)
 
 
@@ -284,7 +331,8 @@ def run_demo(kind: str = "unet", out_dir: str | Path = "runs/demo", *, quick: bo
     overall = compare(before, after, spec.dimensions)
     unseen_stats = compare({k: v[unseen] for k, v in before.items()}, {k: v[unseen] for k, v in after.items()},
                            spec.dimensions) if unseen.any() else None
-    save_grid(base_images, aligned_images, out / "samples.png")
+    save_grid(base_images, aligned_images, out / "samples.png", captions=heldout_caps,
+              base_scores=before["overall"], aligned_scores=after["overall"])
     save_curve(curve, float(before["overall"][curve_idx].mean()), out / "reward_curve.png",
                f"{cfg.objective.name.upper()} on the world ({kind})", round_starts)
     report = {
