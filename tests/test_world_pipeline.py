@@ -237,8 +237,11 @@ def test_quick_demo_writes_a_well_formed_report(pretrained_tiny, tmp_path):
     assert len(report["reward_curve"]) >= 1
 
 
-def test_grid_score_labels_show_the_change_against_the_same_seed_base_sample():
-    from diffalign.world.demo import score_label
+def test_grid_spreads_its_samples_and_labels_the_change_against_the_same_seed_base_sample():
+    from diffalign.world.demo import score_label, spread_indices
+
+    assert spread_indices(420, 12).tolist() == [0, 38, 76, 114, 152, 190, 229, 267, 305, 343, 381, 419]
+    assert spread_indices(5, 12).tolist() == [0, 1, 2, 3, 4] and spread_indices(1, 12).tolist() == [0]
 
     assert score_label(0.7) == ("0.70", "black")
     assert score_label(0.62, 0.57) == ("0.62 (+0.05)", "tab:green")

@@ -136,6 +136,13 @@ def _upscale(image: np.ndarray, scale: int) -> np.ndarray:
     return np.repeat(np.repeat(image, scale, axis=-3), scale, axis=-2)  # nearest neighbour: pixels stay pixels
 
 
+def spread_indices(total: int, n: int) -> np.ndarray:
+    """``min(n, total)`` indices spread evenly over ``range(total)``, first and last included: a grid that shows
+    the whole held-out list (which is ordered by prompt) without picking samples."""
+    n = min(n, total)
+    return np.linspace(0, total - 1, n).round().astype(int) if n > 1 else np.zeros(n, dtype=int)
+
+
 def score_label(score: float, reference: float | None = None) -> tuple[str, str]:
     """(text, colour) under a grid sample: its oracle score, and for an aligned sample the change against the base
     sample of the same prompt and seed, green when it went up, red when it went down, grey when it stayed."""
@@ -179,11 +186,11 @@ def _save_labelled_grid(base: np.ndarray, aligned: np.ndarray, captions: list[st
 def save_grid(base: np.ndarray, aligned: np.ndarray, path: Path, columns: int = 12, scale: int = 3,
               captions: list[str] | None = None, base_scores: np.ndarray | None = None,
               aligned_scores: np.ndarray | None = None) -> None:
-    """Base samples above aligned samples with the same seeds (the first ``columns`` samples, not picked).
+    """Base samples above aligned samples with the same seeds (``columns`` samples, not picked).
 
-    Images [N, H, W, 3]: with ``captions`` and the per-sample oracle scores ([N] each), a labelled figure (caption
-    over each column, score under each sample, the aligned sample's change coloured); without them, the bare
-    pixel tiles upscaled ``scale`` times. Clips [N, F, H, W, 3]: frame strips (frames left to right), each of the
+    Images [N, H, W, 3]: with ``captions`` and the per-sample oracle scores ([N] each), a labelled figure of
+    ``columns`` samples spread evenly over the N (caption over each column, score under each sample, the aligned
+    sample's change coloured); without them, the first ``columns`` as bare pixel tiles upscaled ``scale`` times. Clips [N, F, H, W, 3]: frame strips (frames left to right), each of the
     first ``columns // 2`` base clips above its aligned clip; and beside it ``path`` with suffix ``.gif`` plays the
     first ``columns`` clips as the image grid does.
     """
@@ -202,7 +209,9 @@ def save_grid(base: np.ndarray, aligned: np.ndarray, path: Path, columns: int = 
         return
     n = min(columns, len(base))
     if captions is not None and base_scores is not None and aligned_scores is not None:
-        _save_labelled_grid(base[:n], aligned[:n], captions[:n], base_scores[:n], aligned_scores[:n], path)
+        show = spread_indices(len(base), n)
+        _save_labelled_grid(base[show], aligned[show], [captions[i] for i in show], base_scores[show],
+                            aligned_scores[show], path)
         return
     Image.fromarray(_upscale(_tile(np.stack([base[:n], aligned[:n]])), scale)).save(path)
 
