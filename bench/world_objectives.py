@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     aligned = generate(trainer.adapter.pipe, caps, seeds, **kw)
     before, after = score(base, caps), score(aligned, caps)
     c = compare(before, after)
-    cu = compare({k: v[unseen] for k, v in before.items()}, {k: v[unseen] for k, v in after.items()})
+    cu = compare(before, after, mask=unseen)
     row = {"tag": args.tag, "recipe": args.recipe, "objective": cfg.objective.name, "overrides": args.overrides,
            "pairs": str(src), "n": len(caps), "before": c["oracle_before"], "after": c["oracle_after"],
            "gain": c["oracle_after"] - c["oracle_before"], "win_rate": c["win_rate"], "p": c["p_value"],

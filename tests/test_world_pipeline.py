@@ -237,6 +237,36 @@ def test_quick_demo_writes_a_well_formed_report(pretrained_tiny, tmp_path):
     assert len(report["reward_curve"]) >= 1
 
 
+def test_heldout_samples_and_the_masked_comparison_by_hand():
+    from diffalign.world.demo import compare, demo_prompts, heldout_samples, world_spec
+
+    spec = world_spec("unet")
+    train, held = demo_prompts(spec, {"train_prompts": 5, "heldout_prompts": 3})
+    assert len(train) == 5 and len(held) == 3 and not set(train) & {s.caption() for s in held}
+    assert demo_prompts(spec, {"train_prompts": 5, "heldout_prompts": 3}) == (train, held)  # deterministic
+    caps, seeds, unseen = heldout_samples(spec, held, 2, seed_stride=2)
+    assert caps == [held[0].caption()] * 2 + [held[1].caption()] * 2 + [held[2].caption()] * 2
+    assert seeds == [10_000, 10_002, 10_004, 10_006, 10_008, 10_010]
+    assert unseen.dtype == bool and unseen.tolist() == [spec.unseen(s) for s in held for _ in range(2)]
+
+    dims = ("color",)
+    before = {"overall": np.array([0.1, 0.5, 0.3, 0.9]), "color": np.array([0.2, 0.2, 0.2, 0.2])}
+    after = {"overall": np.array([0.4, 0.4, 0.3, 1.0]), "color": np.array([0.3, 0.2, 0.2, 0.6])}
+    mask = np.array([True, False, False, True])
+    sub = compare(before, after, dims, mask=mask)  # samples 0 and 3: gains +0.3 and +0.1
+    assert sub["n"] == 2 and sub["gain"] == pytest.approx(0.2) and sub["win_rate"] == 1.0
+    assert sub["per_dimension"]["color"]["gain"] == pytest.approx(0.25)
+    assert compare(before, after, dims)["win_rate"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
+def test_demo_refuses_zero_rounds(tmp_path):
+    from diffalign.world.demo import run_demo
+
+    with pytest.raises(ValueError, match="at least one DPO round"):
+        run_demo("flow", tmp_path / "demo", rounds=0)
+    assert not (tmp_path / "demo").exists()  # refused before anything is written
+
+
 def test_grid_spreads_its_samples_and_labels_the_change_against_the_same_seed_base_sample():
     from diffalign.world.demo import score_label, spread_indices
 

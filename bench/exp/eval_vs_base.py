@@ -16,14 +16,8 @@ kind, base_spec, model_spec = sys.argv[1:4]
 lora = sys.argv[4] if len(sys.argv) > 4 else None
 spec = demo.world_spec(kind)
 plan = {**demo.FULL, **demo.FULL_BY_FAMILY[kind]}
-train_scenes, held = spec.splits()
-rng = np.random.default_rng(0)
-rng.permutation(len(train_scenes))  # the demo draws the training prompts first
-if "heldout_prompts" in plan:
-    held = [held[i] for i in rng.permutation(len(held))[:plan["heldout_prompts"]]]
-caps = [s.caption() for s in held for _ in range(plan["heldout_seeds"])]
-seeds = [10_000 + i for i in range(len(caps))]
-unseen = np.array([spec.unseen(s) for s in held for _ in range(plan["heldout_seeds"])])
+_, held = demo.demo_prompts(spec, plan)
+caps, seeds, unseen = demo.heldout_samples(spec, held, plan["heldout_seeds"])
 kw = dict(steps=plan["sample_steps"], guidance_scale=3.0)
 
 
@@ -43,7 +37,7 @@ else:
         np.save(cache, base)
 before, after = spec.score(base, caps), spec.score(samples(model_spec, lora), caps)
 c = demo.compare(before, after, spec.dimensions)
-cu = demo.compare({k: v[unseen] for k, v in before.items()}, {k: v[unseen] for k, v in after.items()}, spec.dimensions)
+cu = demo.compare(before, after, spec.dimensions, mask=unseen)
 rec = {"kind": kind, "tag": f"eval {model_spec} {lora or ''} vs {base_spec}", "before": c["oracle_before"],
        "after": c["oracle_after"], "win": c["win_rate"], "p": c["p_value"], "unseen_win": cu["win_rate"],
        "unseen_p": cu["p_value"], "per_dim": {d: round(v["gain"], 4) for d, v in c["per_dimension"].items()}}

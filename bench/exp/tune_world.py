@@ -20,17 +20,11 @@ plan = {**demo.FULL, **demo.FULL_BY_FAMILY[kind]}
 pairs = src / ("pairs.jsonl" if kind == "video" else "pairs.parquet")
 cfg = load_config(demo.RECIPES[kind], [f"data.path={pairs}", f"cache.dir={src/'cache'}",
                                        f"train.output_dir={out}", "train.resume=none", *overrides])
-train_scenes, held = spec.splits()
 every_heldout = os.environ.get("TUNE_HELDOUT") == "all"
-per_prompt = 1 if every_heldout else plan["heldout_seeds"]
-if not every_heldout:
-    rng = np.random.default_rng(0)
-    rng.permutation(len(train_scenes))  # the demo draws the training prompts first
-    if "heldout_prompts" in plan:
-        held = [held[i] for i in rng.permutation(len(held))[:plan["heldout_prompts"]]]
-caps = [s.caption() for s in held for _ in range(per_prompt)]
-seeds = [10_000 + (2 if every_heldout else 1) * i for i in range(len(caps))]
-unseen = np.array([spec.unseen(s) for s in held for _ in range(per_prompt)])
+if every_heldout:
+    caps, seeds, unseen = demo.heldout_samples(spec, spec.splits()[1], 1, seed_stride=2)
+else:
+    caps, seeds, unseen = demo.heldout_samples(spec, demo.demo_prompts(spec, plan)[1], plan["heldout_seeds"])
 kw = dict(steps=plan["sample_steps"], guidance_scale=3.0)
 t0 = time.time()
 tr = Trainer(cfg, show_progress=False)
@@ -54,7 +48,7 @@ res = tr.train(callback=cb)
 with tr._ema_weights():
     after = spec.score(generate(tr.adapter.pipe, caps, seeds, **kw), caps)
 c = demo.compare(before, after, spec.dimensions)
-cu = demo.compare({k: v[unseen] for k, v in before.items()}, {k: v[unseen] for k, v in after.items()}, spec.dimensions)
+cu = demo.compare(before, after, spec.dimensions, mask=unseen)
 rec = {"kind": kind, "tag": tag, "overrides": overrides, "before": c["oracle_before"], "after": c["oracle_after"],
        "win": c["win_rate"], "p": c["p_value"], "unseen_win": cu["win_rate"], "unseen_p": cu["p_value"], "curve": curve,
        "motion": c.get("motion"), "per_dim": {d: round(v["gain"], 4) for d, v in c["per_dimension"].items()},

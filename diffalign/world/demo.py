@@ -67,6 +67,29 @@ def world_spec(kind: str) -> WorldSpec:
                      "unseen colour-shape combinations")
 
 
+def demo_prompts(spec: WorldSpec, plan: dict, seed: int = 0) -> tuple[list[str], list]:
+    """(training prompts, held-out scenes) exactly as the demo draws them from ``spec``'s splits with ``plan``
+    (``train_prompts``, optional ``heldout_prompts``): one generator, training prompts drawn first, so a bench
+    script that calls this scores on the demo's own held-out set."""
+    train_scenes, heldout = spec.splits()
+    rng = np.random.default_rng(seed)
+    train_prompts = [train_scenes[i].caption() for i in rng.permutation(len(train_scenes))[:plan["train_prompts"]]]
+    heldout = list(heldout)
+    if "heldout_prompts" in plan:
+        heldout = [heldout[i] for i in rng.permutation(len(heldout))[:plan["heldout_prompts"]]]
+    return train_prompts, heldout
+
+
+def heldout_samples(spec: WorldSpec, heldout: list, per_prompt: int, seed_stride: int = 1
+                    ) -> tuple[list[str], list[int], np.ndarray]:
+    """The paired evaluation samples: captions [N] (each held-out scene ``per_prompt`` times), their seeds
+    10_000 + seed_stride * i, and the bool mask [N] of samples whose scene is an unseen combination."""
+    captions = [s.caption() for s in heldout for _ in range(per_prompt)]
+    seeds = [10_000 + seed_stride * i for i in range(len(captions))]
+    unseen = np.array([spec.unseen(s) for s in heldout for _ in range(per_prompt)], dtype=bool)
+    return captions, seeds, unseen
+
+
 def bundled_generator(kind: str) -> Path:
     path = BUNDLED / kind
     if not (path / "model_index.json").is_file():
@@ -91,17 +114,20 @@ def win_rate(after: np.ndarray, before: np.ndarray) -> float:
     return float(np.mean((after > before) + 0.5 * (after == before)))
 
 
-def compare(before: dict[str, np.ndarray], after: dict[str, np.ndarray], dimensions: tuple[str, ...] | None = None
-            ) -> dict:
+def compare(before: dict[str, np.ndarray], after: dict[str, np.ndarray], dimensions: tuple[str, ...] | None = None,
+            mask: np.ndarray | None = None) -> dict:
     """Paired comparison of oracle scores of the same (prompt, seed) samples before and after alignment.
 
-    ``before``/``after``: {dimension: [N], 'overall': [N]}; ``dimensions`` default to the image oracle's.
+    ``before``/``after``: {dimension: [N], 'overall': [N]}; ``dimensions`` default to the image oracle's;
+    ``mask`` (bool [N]) compares only those samples (e.g. the unseen combinations).
     Every dimension gets its mean before/after, gain and paired permutation p-value. When the scores have
     the video oracle's motion dimensions, ``motion`` (their mean per sample) is compared the same way.
     """
     from diffalign.world.oracle import DIMENSIONS
 
     dimensions = DIMENSIONS if dimensions is None else dimensions
+    if mask is not None:
+        before, after = ({k: v[mask] for k, v in scores.items()} for scores in (before, after))
     diff = after["overall"] - before["overall"]
 
     def one(b: np.ndarray, a: np.ndarray) -> dict:
@@ -190,9 +216,10 @@ def save_grid(base: np.ndarray, aligned: np.ndarray, path: Path, columns: int = 
 
     Images [N, H, W, 3]: with ``captions`` and the per-sample oracle scores ([N] each), a labelled figure of
     ``columns`` samples spread evenly over the N (caption over each column, score under each sample, the aligned
-    sample's change coloured); without them, the first ``columns`` as bare pixel tiles upscaled ``scale`` times. Clips [N, F, H, W, 3]: frame strips (frames left to right), each of the
-    first ``columns // 2`` base clips above its aligned clip; and beside it ``path`` with suffix ``.gif`` plays the
-    first ``columns`` clips as the image grid does.
+    sample's change coloured); without them, the first ``columns`` as bare pixel tiles upscaled ``scale`` times.
+    Clips [N, F, H, W, 3]: frame strips (frames left to right), each of the first ``columns // 2`` base clips above
+    its aligned clip; and beside it ``path`` with suffix ``.gif`` plays the first ``columns`` clips as the image
+    grid does.
     """
     from PIL import Image
 
@@ -266,28 +293,22 @@ def run_demo(kind: str = "unet", out_dir: str | Path = "runs/demo", *, quick: bo
 
     if kind not in RECIPES:
         raise ValueError(f"unknown demo family {kind!r}: use one of {tuple(RECIPES)}")
-    spec = world_spec(kind)
-    score = spec.score
-    plan = {**FULL, **FULL_BY_FAMILY[kind], **(QUICK if quick else {}), **({"rounds": rounds} if rounds else {})}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    train_scenes, heldout_scenes = spec.splits()
-    rng = np.random.default_rng(seed)
-    train_prompts = [train_scenes[i].caption() for i in rng.permutation(len(train_scenes))[:plan["train_prompts"]]]
-    heldout = list(heldout_scenes)
-    if "heldout_prompts" in plan:
-        heldout = [heldout[i] for i in rng.permutation(len(heldout))[:plan["heldout_prompts"]]]
-
-    extra = ([f"train.max_steps={plan['max_steps']}", f"train.batch_size={plan['batch_size']}"] if quick else []) \
-        + list(overrides)
+    plan = {**FULL, **FULL_BY_FAMILY[kind], **(QUICK if quick else {}),
+            **({"rounds": rounds} if rounds is not None else {})}
     rounds = int(plan["rounds"])
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: the demo needs at least one DPO round")
+    spec = world_spec(kind)
+    score = spec.score
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    train_prompts, heldout = demo_prompts(spec, plan, seed)
+
+    extra = ([f"train.max_steps={plan['max_steps']}", f"train.batch_size={plan['batch_size']}"] if quick else []) \
+        + list(overrides)
     sample_kw = dict(steps=plan.get("sample_steps", 20), guidance_scale=plan.get("guidance", 3.0))
-    heldout_caps = [s.caption() for s in heldout for _ in range(plan["heldout_seeds"])]
-    heldout_seeds = [10_000 + i for i in range(len(heldout_caps))]
-    unseen = np.array([spec.unseen(s) for s in heldout for _ in range(plan["heldout_seeds"])])
+    heldout_caps, heldout_seeds, unseen = heldout_samples(spec, heldout, plan["heldout_seeds"])
     curve_idx = np.arange(min(32, len(heldout_caps)))
     curve: list[tuple[int, float]] = []
     round_starts: list[int] = []
@@ -338,8 +359,7 @@ def run_demo(kind: str = "unet", out_dir: str | Path = "runs/demo", *, quick: bo
     after = score(aligned_images, heldout_caps)
 
     overall = compare(before, after, spec.dimensions)
-    unseen_stats = compare({k: v[unseen] for k, v in before.items()}, {k: v[unseen] for k, v in after.items()},
-                           spec.dimensions) if unseen.any() else None
+    unseen_stats = compare(before, after, spec.dimensions, mask=unseen) if unseen.any() else None
     save_grid(base_images, aligned_images, out / "samples.png", captions=heldout_caps,
               base_scores=before["overall"], aligned_scores=after["overall"])
     save_curve(curve, float(before["overall"][curve_idx].mean()), out / "reward_curve.png",
@@ -347,7 +367,8 @@ def run_demo(kind: str = "unet", out_dir: str | Path = "runs/demo", *, quick: bo
     report = {
         "objective": "diffusion-dpo" if kind == "unet" else "flow-dpo", "family": kind,
         "model": round_records[0]["model"], "model_family": cfg.model.family,
-        "steps": sum(rec["steps"] for rec in round_records), "rounds": round_records, "beta": cfg.objective.beta, "lr": cfg.optim.lr, "lora_rank": cfg.lora.rank,
+        "steps": sum(rec["steps"] for rec in round_records), "rounds": round_records,
+        "beta": cfg.objective.beta, "lr": cfg.optim.lr, "lora_rank": cfg.lora.rank,
         "prompts_train": len(train_prompts), "prompts_heldout": len(heldout), "samples_heldout": len(heldout_caps),
         "pairs": round_records[0]["pairs"], "oracle_before": overall["oracle_before"], "oracle_after": overall["oracle_after"],
         "gain": overall["gain"], "win_rate": overall["win_rate"], "p_value": overall["p_value"],
